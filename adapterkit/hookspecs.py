@@ -1,0 +1,81 @@
+"""Hook specifications: the whole contract between adapterkit and its plugins.
+
+A plugin is a module (or object) with functions marked ``@adapterkit.hookimpl`` named
+after these specs, exposed through an entry point in the group ``adapterkit``::
+
+    [project.entry-points.adapterkit]
+    myplugin = "my_package.plugin"
+
+Every registration hook receives a :class:`~adapterkit.registry.Registry`; call
+``registry.add(name, cls)``. The host records which plugin added each name and rejects
+duplicates. Hooks not implemented by a plugin are simply skipped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .registry import Registry
+    from .roles import Merger, Router, Sampler, Splitter
+    from .site import AdapterSite
+
+hookspec = pluggy.HookspecMarker("adapterkit")
+hookimpl = pluggy.HookimplMarker("adapterkit")
+
+
+@hookspec
+def adapterkit_register_kinds(registry: Registry[AdapterSite]) -> None:
+    """Register adapter kinds.
+
+    :param registry: add :class:`~adapterkit.site.AdapterSite` subclasses by name
+        (e.g. ``"lora"``); the name is what recipes write in ``[adapter] kind``.
+    """
+
+
+@hookspec
+def adapterkit_register_splitters(registry: Registry[Splitter]) -> None:
+    """Register splitters: how one adapter's parameter space is cut into cells or heads.
+
+    :param registry: add :class:`~adapterkit.roles.Splitter` subclasses by name; the
+        name is what recipes write in ``[splitter] name``.
+    """
+
+
+@hookspec
+def adapterkit_register_samplers(registry: Registry[Sampler]) -> None:
+    """Register samplers: which cells are active at each training step.
+
+    :param registry: add :class:`~adapterkit.roles.Sampler` subclasses by name; the
+        name is what recipes write in ``[sampler] name``.
+    """
+
+
+@hookspec
+def adapterkit_register_routers(registry: Registry[Router]) -> None:
+    """Register routers: how skills are mixed for an example or task.
+
+    :param registry: add :class:`~adapterkit.roles.Router` subclasses by name; the
+        name is what recipes write in ``[router] name``.
+    """
+
+
+@hookspec
+def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
+    """Register mergers: how modules and skills collapse into one deployable adapter.
+
+    :param registry: add :class:`~adapterkit.roles.Merger` subclasses by name; the
+        name is what recipes write in ``[merger] name`` and ``adapterkit merge`` takes.
+    """
+
+
+@hookspec
+def adapterkit_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``adapterkit`` command line.
+
+    :param cli: the root :class:`click.Group`; call ``cli.add_command(command)``.
+    """

@@ -1,0 +1,195 @@
+"""The plugin host: discovers plugins through entry points and fills the registries.
+
+Built-in methods are plugins too: they live in ``plugins/`` and are registered through
+the entry-point group ``adapterkit`` exactly like third-party packages.
+
+Environment switches:
+
+``ADAPTERKIT_DISABLE_PLUGIN_AUTOLOAD=1``
+    load only the plugins shipped with adapterkit plus those named in
+    ``ADAPTERKIT_PLUGINS`` (comma separated entry-point names).
+``ADAPTERKIT_BLOCK_PLUGINS=a,b``
+    never load these plugins (built-ins included).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .registry import Registry
+from .roles import Merger, Router, Sampler, Splitter
+from .site import AdapterSite
+
+ENTRY_POINT_GROUP = "adapterkit"
+ENV_DISABLE_AUTOLOAD = "ADAPTERKIT_DISABLE_PLUGIN_AUTOLOAD"
+ENV_PLUGINS = "ADAPTERKIT_PLUGINS"
+ENV_BLOCK = "ADAPTERKIT_BLOCK_PLUGINS"
+BUILTIN_DISTRIBUTION = "adapterkit"
+
+# role name -> (registration hook, registry label, base class)
+ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
+    "kind": ("adapterkit_register_kinds", "adapter kind", AdapterSite),
+    "splitter": ("adapterkit_register_splitters", "splitter", Splitter),
+    "sampler": ("adapterkit_register_samplers", "sampler", Sampler),
+    "router": ("adapterkit_register_routers", "router", Router),
+    "merger": ("adapterkit_register_mergers", "merger", Merger),
+}
+
+
+@attrs.define
+class PluginInfo:
+    name: str
+    version: str
+    distribution: str | None
+    provides: dict[str, list[str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "provides": self.provides}
+
+
+@attrs.define
+class PluginFailure:
+    name: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.name!r} failed to load: {self.error}"
+
+
+def _env_list(name: str) -> set[str]:
+    return {item.strip() for item in os.environ.get(name, "").split(",") if item.strip()}
+
+
+class PluginHost:
+    """A pluggy manager plus one registry per role; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("adapterkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.registries: dict[str, Registry[Any]] = {
+            role: Registry(label, base) for role, (_, label, base) in ROLE_HOOKS.items()
+        }
+        self.plugins: dict[str, PluginInfo] = {}
+        self.failures: list[PluginFailure] = []
+
+    # typed accessors ------------------------------------------------------------
+    @property
+    def kinds(self) -> Registry[AdapterSite]:
+        return self.registries["kind"]
+
+    @property
+    def splitters(self) -> Registry[Splitter]:
+        return self.registries["splitter"]
+
+    @property
+    def samplers(self) -> Registry[Sampler]:
+        return self.registries["sampler"]
+
+    @property
+    def routers(self) -> Registry[Router]:
+        return self.registries["router"]
+
+    @property
+    def mergers(self) -> Registry[Merger]:
+        return self.registries["merger"]
+
+    # loading ----------------------------------------------------------------------
+    def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
+        """Load every plugin of the ``adapterkit`` group, honouring the env switches.
+
+        A plugin that fails to import or register is recorded in :attr:`failures` and
+        skipped; the others keep working.
+        """
+        autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in {"1", "true", "yes"}
+        wanted = _env_list(ENV_PLUGINS)
+        blocked = _env_list(ENV_BLOCK)
+        eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(eps, key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else None
+            if ep.name in blocked or ep.name in self.plugins:
+                continue
+            if not autoload and dist != BUILTIN_DISTRIBUTION and ep.name not in wanted:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not be fatal
+                self.failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
+                continue
+            version = ep.dist.version if ep.dist is not None else "unknown"
+            self.register(plugin, ep.name, version=version, distribution=dist)
+
+    def register(
+        self, plugin: ModuleType | object, name: str, *, version: str = "unknown", distribution: str | None = None
+    ) -> PluginInfo | None:
+        """Register one plugin object and run its registration hooks.
+
+        Returns its info, or ``None`` (with a recorded failure) if it is invalid.
+        """
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except Exception as exc:
+            self._forget(plugin)
+            self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
+            return None
+        provides: dict[str, list[str]] = {}
+        added: list[tuple[Registry[Any], str]] = []
+        try:
+            for role, (hook_name, _, _) in ROLE_HOOKS.items():
+                registry = self.registries[role]
+                before = set(registry)
+                registry._current_plugin = name
+                try:
+                    for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                        if impl.plugin_name == name:
+                            impl.function(registry=registry)
+                finally:
+                    registry._current_plugin = "<direct>"
+                new = [n for n in registry if n not in before]
+                added += [(registry, n) for n in new]
+                if new:
+                    provides[role] = sorted(new)
+        except Exception as exc:
+            for registry, entry in added:  # leave no half-registered plugin behind
+                registry._items.pop(entry, None)
+                registry._providers.pop(entry, None)
+            self._forget(plugin)
+            self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
+            return None
+        info = PluginInfo(name, version, distribution, provides)
+        self.plugins[name] = info
+        return info
+
+    def _forget(self, plugin: object) -> None:
+        if self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
+
+    def plugin_versions(self) -> dict[str, str]:
+        return {name: info.version for name, info in self.plugins.items()}
+
+
+_host: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, loading entry points on first use (lazily)."""
+    global _host
+    if _host is None:
+        host = PluginHost()
+        host.load_entry_points()
+        _host = host
+    return _host
+
+
+def set_host(host: PluginHost | None) -> None:
+    """Replace the process-wide host (``None``: rediscover on next use). For tests and embedding."""
+    global _host
+    _host = host

@@ -1,0 +1,151 @@
+"""Recipes: a method as a composition of an adapter kind, target sites and four roles.
+
+A recipe is a frozen attrs object, loadable from a dict or TOML::
+
+    seed = 0
+    [adapter]
+    kind = "lora"            # adapter kind
+    targets = ["query", "value"]
+    skills = 1               # K, the size of the skill inventory
+    r = 8                    # ...any other key is an argument of the kind
+    [splitter]
+    name = "mosa"
+    n_cells = 4              # ...any other key is an argument of the role
+
+Unknown keys are errors naming the key, both here and in role/kind arguments (which
+the plugin's ``Config`` validates when the recipe is resolved).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .errors import RecipeError
+
+ROLES = ("splitter", "sampler", "router", "merger")
+DEFAULT_ROLE_NAMES = {"splitter": "dense", "sampler": "all", "router": "none", "merger": "identity"}
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return dict(value or {})
+
+
+@attrs.frozen
+class RoleSpec:
+    """A role by plugin name plus the arguments for its ``Config``."""
+
+    name: str
+    args: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.args}
+
+
+def _targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:  # type: ignore[type-arg]
+    if not isinstance(value, int) or value < 1:
+        raise RecipeError(f"recipe key {attribute.name!r} must be a positive integer, got {value!r}")
+
+
+def _role(default: str) -> Any:
+    return attrs.field(factory=lambda: RoleSpec(default))
+
+
+@attrs.frozen
+class Recipe:
+    """Adapter kind + arguments, target module patterns, and the four roles."""
+
+    kind: str
+    targets: tuple[str, ...] = attrs.field(converter=_targets)
+    kind_args: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    skills: int = attrs.field(default=1, validator=_positive)
+    splitter: RoleSpec = _role("dense")
+    sampler: RoleSpec = _role("all")
+    router: RoleSpec = _role("none")
+    merger: RoleSpec = _role("identity")
+    seed: int = 0
+
+    @targets.validator
+    def _check_targets(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:  # type: ignore[type-arg]
+        if not value or not all(isinstance(t, str) and t for t in value):
+            raise RecipeError("recipe key 'adapter.targets' must be a non-empty list of module name patterns")
+
+    def role(self, role: str) -> RoleSpec:
+        spec: RoleSpec = getattr(self, role)
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-dict form that :meth:`from_dict` reads back (JSON/TOML friendly)."""
+        out: dict[str, Any] = {
+            "seed": self.seed,
+            "adapter": {"kind": self.kind, "targets": list(self.targets), "skills": self.skills, **self.kind_args},
+        }
+        for role in ROLES:
+            out[role] = self.role(role).to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        data = dict(data)
+        known = {"seed", "adapter", *ROLES}
+        for key in data:
+            if key not in known:
+                raise RecipeError(f"unknown recipe key {key!r}; valid keys: {', '.join(sorted(known))}")
+        adapter = dict(_table(data, "adapter", required=True))
+        try:
+            kind = adapter.pop("kind")
+            targets = adapter.pop("targets")
+        except KeyError as missing:
+            raise RecipeError(f"recipe table [adapter] needs key {missing.args[0]!r}") from None
+        skills = adapter.pop("skills", 1)
+        roles = {}
+        for role in ROLES:
+            table = dict(_table(data, role, required=False))
+            name = table.pop("name", DEFAULT_ROLE_NAMES[role])
+            roles[role] = RoleSpec(name, table)
+        seed = data.get("seed", 0)
+        if not isinstance(seed, int):
+            raise RecipeError(f"recipe key 'seed' must be an integer, got {seed!r}")
+        return cls(kind=kind, targets=targets, kind_args=adapter, skills=skills, seed=seed, **roles)
+
+    @classmethod
+    def from_toml(cls, text: str) -> Recipe:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"malformed recipe TOML: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _table(data: Mapping[str, Any], key: str, *, required: bool) -> Mapping[str, Any]:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise RecipeError(f"recipe needs a table [{key}]")
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"recipe key {key!r} must be a table, got {type(value).__name__}")
+    return value
+
+
+def build_config(cls: type, args: Mapping[str, Any], what: str) -> Any:
+    """Instantiate ``cls.Config`` from recipe arguments with one-line errors."""
+    config_cls = cls.Config  # type: ignore[attr-defined]
+    fields = {f.name for f in attrs.fields(config_cls)}
+    for key in args:
+        if key not in fields:
+            valid = ", ".join(sorted(fields)) or "none"
+            raise RecipeError(f"unknown key {key!r} for {what}; valid keys: {valid}")
+    try:
+        return config_cls(**args)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"bad arguments for {what}: {exc}") from None

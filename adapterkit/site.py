@@ -1,0 +1,185 @@
+"""The module that replaces a base module at each adapted site.
+
+An :class:`AdapterSite` owns the frozen base module, one parameterised projection per
+skill-stacked adapter parameter, the sampler that gates cells and the router that
+mixes skills. Adapter kinds (LoRA, bottleneck, ...) subclass it and define the math of
+``forward`` on the effective weights returned by :meth:`AdapterSite.weights`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RoutingError
+from .roles import Configurable, Partition, ProjectionSpec, Router, Sampler, SingleSkill, Splitter
+
+
+class RoutingState:
+    """Task ids shared by every routed site of one model (set by ``adapterkit.route``)."""
+
+    def __init__(self) -> None:
+        self.task_ids: Tensor | None = None
+
+
+def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> Tensor:
+    """Collapse ``weight[K, *shape]`` over skills.
+
+    ``routing`` is ``None`` (single skill: returns ``weight[0]``) or ``(b, H, K)``
+    weights, giving ``[b, *shape]``; with ``H > 1`` head ``h`` mixes only its block of
+    ``partition.head_axis`` with its own weights (parameters, not outputs, are mixed).
+    """
+    if routing is None:
+        return weight[0]
+    heads = routing.shape[1]
+    if heads == 1 or partition.head_axis is None:
+        per_example = routing[:, 0] if heads == 1 else routing.mean(1)
+        return torch.einsum("bk,k...->b...", per_example, weight)
+    axis = partition.head_axis + 1
+    blocks = weight.unflatten(axis, (heads, -1)).movedim(axis, 1)  # [K, H, ...]
+    mixed = torch.einsum("bhk,kh...->bh...", routing, blocks)  # [b, H, ...]
+    return mixed.movedim(1, axis).flatten(axis, axis + 1)
+
+
+def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight (+ bias)`` for a shared ``weight[i, o]`` or per-example ``weight[b, i, o]``."""
+    if weight.dim() == 2:
+        y = x @ weight
+        return y if bias is None else y + bias
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    y = torch.bmm(flat, weight)
+    if bias is not None:
+        y = y + bias.unsqueeze(1)
+    return y.reshape(*x.shape[:-1], weight.shape[-1])
+
+
+class AdapterSite(Configurable, nn.Module):
+    """Base class of adapter kinds: wraps ``base`` and holds the adapter parameters.
+
+    Subclasses define ``Config`` (attrs), :meth:`projection_specs` (validating the base
+    module and raising ``ValueError`` with a reason when it does not fit) and
+    ``forward``. Parameters in :attr:`projections` and the router train; ``base`` is
+    frozen by ``attach``.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: Any,
+        *,
+        name: str,
+        skills: int,
+        splitter: Splitter,
+        sampler: Sampler,
+        make_router: Callable[..., Router],
+        routing: RoutingState,
+        generator: torch.Generator,
+    ) -> None:
+        Configurable.__init__(self, config)
+        nn.Module.__init__(self)
+        self.base = base
+        self.site_name = name
+        self.skills = skills
+        self.sampler = sampler
+        self.routing = routing
+        self.projections = nn.ModuleDict()
+        factory = factory_kwargs(base)
+        for spec in self.projection_specs(base, self.config):
+            partition = splitter.split(spec, skills, generator)
+            value = torch.empty(skills, *spec.shape)
+            spec.init(value, partition.heads, generator)
+            module = splitter.parameterize(spec, partition, value)
+            self.projections[spec.name] = module.to(**factory)
+        heads = {self.partition(p).heads for p in self.projections} - {1} or {1}
+        if len(heads) != 1:
+            raise ValueError(f"projections disagree on the number of heads: {sorted(heads)}")
+        self.router = make_router(heads=heads.pop()).to(**factory)
+        self.router.check(skills)
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter of the adapter (projections, router, kind extras), not of ``base``."""
+        for name, param in self.named_parameters():
+            if not name.startswith("base."):
+                yield param
+
+    @classmethod
+    def projection_specs(cls, base: nn.Module, config: Any) -> list[ProjectionSpec]:
+        raise NotImplementedError
+
+    def partition(self, name: str) -> Partition:
+        partition: Partition = self.projections[name].partition  # type: ignore[assignment]
+        return partition
+
+    def routing_weights(self, batch: int) -> Tensor | None:
+        """Skill weights ``(batch, H, K)`` for this forward, or ``None`` (one skill)."""
+        if not self.router.needs_task_ids:
+            return self.router(None)
+        task_ids = self.routing.task_ids
+        if task_ids is None:
+            raise RoutingError(
+                f"site {self.site_name!r} is routed: call the model inside "
+                "`with adapterkit.route(model, task_ids):`"
+            )
+        if task_ids.shape[0] != batch:
+            raise RoutingError(
+                f"site {self.site_name!r}: {task_ids.shape[0]} task ids for a batch of {batch}"
+            )
+        return self.router(task_ids)
+
+    def weights(self, batch: int) -> dict[str, Tensor]:
+        """Effective weights of every projection: gated by the sampler, mixed by the router.
+
+        Each is ``[*shape]`` (shared by the batch) or ``[batch, *shape]`` (routed).
+        """
+        routing = self.routing_weights(batch)
+        out = {}
+        for name, module in self.projections.items():
+            partition = self.partition(name)
+            gates = self.sampler.gates(partition, self.training, _device_of(module))
+            out[name] = mix_skills(module(gates), routing, partition)
+        return out
+
+    @torch.no_grad()
+    def dense_copy(self, weights: dict[str, Tensor]) -> AdapterSite:
+        """A single-skill, unsplit, unrouted site of the same kind holding ``weights``.
+
+        ``weights`` maps every projection to a ``[*shape]`` tensor; the kind's other
+        modules (e.g. a LayerNorm) are copied. Used by mergers to deploy a plain adapter.
+        """
+        generator = torch.Generator()
+        new = type(self)(
+            self.base, self.config, name=self.site_name, skills=1, splitter=Splitter(), sampler=Sampler(),
+            make_router=functools.partial(SingleSkill, None, skills=1, generator=generator),
+            routing=self.routing, generator=generator,
+        )
+        for name, value in weights.items():
+            new.projections[name].weight.copy_(value.unsqueeze(0))
+        extras = {k: v for k, v in self.state_dict().items() if not k.startswith(("base.", "projections.", "router."))}
+        new.load_state_dict(extras, strict=False)
+        new.train(self.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"site={self.site_name!r}, kind={self.kind!r}, skills={self.skills}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def factory_kwargs(base: nn.Module) -> dict[str, Any]:
+    """``device``/``dtype`` of the first floating parameter of ``base``, for new adapter tensors."""
+    for p in base.parameters():
+        if p.is_floating_point():
+            return {"device": p.device, "dtype": p.dtype}
+    return {}

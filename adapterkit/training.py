@@ -1,0 +1,31 @@
+"""Helpers any training loop can use: optimizer parameter groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .attach import sites
+
+
+def param_groups(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, router_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer groups for an attached model: adapters, then routers.
+
+    Router parameters get their own learning rate (``router_lr``, default ``lr``) and no
+    weight decay, as in the Poly/MHR reference training.
+    """
+    router_ids: set[int] = set()
+    routers = []
+    for site in sites(model).values():
+        for p in site.router.parameters():
+            if p.requires_grad and id(p) not in router_ids:
+                router_ids.add(id(p))
+                routers.append(p)
+    adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
+    groups: list[dict[str, Any]] = [{"params": adapters, "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
+    if routers:
+        groups.append({"params": routers, "lr": router_lr if router_lr is not None else lr, "weight_decay": 0.0, "name": "routers"})
+    return groups

