@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .errors import RoutingError
 from .roles import Configurable, Partition, ProjectionSpec, Router, Sampler, SingleSkill, Splitter
@@ -48,8 +49,7 @@ def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> 
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight (+ bias)`` for a shared ``weight[i, o]`` or per-example ``weight[b, i, o]``."""
     if weight.dim() == 2:
-        y = x @ weight
-        return y if bias is None else y + bias
+        return F.linear(x, weight.mT, bias)  # one fused addmm, like nn.Linear
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
     y = torch.bmm(flat, weight)
     if bias is not None:

@@ -29,3 +29,17 @@ def param_groups(
     if routers:
         groups.append({"params": routers, "lr": router_lr if router_lr is not None else lr, "weight_decay": 0.0, "name": "routers"})
     return groups
+
+
+def freeze_norm_statistics(model: nn.Module) -> nn.Module:
+    """Put frozen batch-norm layers in eval mode so training adapters leaves the base intact.
+
+    ``attach`` freezes base parameters, but a BatchNorm in train mode would still update
+    its running statistics; call this after ``model.train()``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            module.eval()
+    return model
