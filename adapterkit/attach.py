@@ -43,7 +43,9 @@ class AttachSummary:
         lines = [f"{'site':<48} {'base':<16} {'trainable':>10}"]
         lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
         share = 100.0 * self.trainable / max(self.total, 1)
-        lines.append(f"{len(self.sites)} sites; trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)")
+        lines.append(
+            f"{len(self.sites)} sites; trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+        )
         return "\n".join(lines)
 
 

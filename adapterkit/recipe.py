@@ -18,11 +18,11 @@ the plugin's ``Config`` validates when the recipe is resolved).
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import tomllib
 
 from .errors import RecipeError
 

@@ -81,6 +81,9 @@ class Projection(nn.Module):
     element is stored once; splitters may return a leaner or optimizer-exact module.
     """
 
+    w0: Tensor
+    cell_ids: Tensor
+
     def __init__(self, spec: ProjectionSpec, partition: Partition, init_value: Tensor) -> None:
         super().__init__()
         self.spec = spec

@@ -27,7 +27,8 @@ def param_groups(
     adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in router_ids]
     groups: list[dict[str, Any]] = [{"params": adapters, "lr": lr, "weight_decay": weight_decay, "name": "adapters"}]
     if routers:
-        groups.append({"params": routers, "lr": router_lr if router_lr is not None else lr, "weight_decay": 0.0, "name": "routers"})
+        router_lr = router_lr if router_lr is not None else lr
+        groups.append({"params": routers, "lr": router_lr, "weight_decay": 0.0, "name": "routers"})
     return groups
 
 

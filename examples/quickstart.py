@@ -91,7 +91,8 @@ def main() -> None:
     trained = evaluate(model, x_test, y_test)
     adapterkit.merge(model, "identity")
     merged = evaluate(model, x_test, y_test)
-    print(f"\n{'digits (test, n=%d)' % len(y_test):<24} {'accuracy':>9} {'macro-F1':>9}")
+    title = f"digits (test, n={len(y_test)})"
+    print(f"\n{title:<24} {'accuracy':>9} {'macro-F1':>9}")
     for name, scores in (("adapter (trained)", trained), ("adapter (merged)", merged)):
         print(f"{name:<24} {scores['accuracy']:>9.4f} {scores['macro_f1']:>9.4f}")
 
