@@ -10,10 +10,12 @@ from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import Merger, Partition, Projection, ProjectionSpec, Router, Sampler, Splitter
 from .site import AdapterSite
+from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterInfo",
     "AdapterSite",
     "AdapterkitError",
     "AttachError",
@@ -30,13 +32,21 @@ __all__ = [
     "RoutingError",
     "Sampler",
     "Splitter",
+    "StorageError",
     "UnknownNameError",
     "adapter_state_dict",
     "attach",
+    "cp",
     "get_host",
     "hookimpl",
+    "inspect",
+    "load",
+    "load_tensors",
+    "ls",
     "merge",
     "route",
+    "save",
+    "save_tensors",
     "sites",
     "summary",
 ]

@@ -69,3 +69,9 @@ def main() -> None:
 
 
 __all__ = ["ROLE_HOOKS", "cli", "main"]
+
+from .cli_storage import cp_command, inspect_command, ls_command  # noqa: E402
+
+cli.add_command(inspect_command)
+cli.add_command(ls_command)
+cli.add_command(cp_command)

@@ -1,0 +1,362 @@
+"""``save``, ``load``, ``inspect``, ``ls`` and ``cp``: adapters at any fsspec URL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from torch import Tensor, nn
+
+from ..errors import RecipeError, UnknownNameError
+from ..recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe
+from .errors import StorageError
+from .format import (
+    KEY_DIGEST,
+    KEY_PLUGINS,
+    KEY_RECIPE,
+    KEY_SITES,
+    PREFIX,
+    PROBE_BYTES,
+    Header,
+    TensorInfo,
+    verify_header,
+)
+from .io import parse_whole, read_all, read_header, write_atomic
+from .tensors import check, decode, encode
+from .urls import Location, resolve, storage_errors
+
+SUFFIX = ".safetensors"
+
+
+@attrs.frozen
+class AdapterInfo:
+    """What a file's header says, read with ranged reads only (see :func:`inspect`)."""
+
+    url: str
+    size: int
+    header_size: int
+    format_version: int | None  # None: a safetensors file not written by adapterkit
+    content: str  # "adapter", "tensors" or "safetensors" (foreign)
+    recipe: Recipe | None
+    plugins: Mapping[str, str]
+    sites: tuple[str, ...]
+    digest: str | None
+    metadata: Mapping[str, str]  # the caller's own keys
+    tensors: tuple[TensorInfo, ...]
+
+    @classmethod
+    def from_header(cls, url: str, header: Header) -> AdapterInfo:
+        try:
+            raw_recipe = header.json_value(KEY_RECIPE)
+            recipe = Recipe.from_dict(raw_recipe) if raw_recipe is not None else None
+            plugins = header.json_value(KEY_PLUGINS, {})
+            sites = tuple(header.json_value(KEY_SITES, []))
+        except (ValueError, TypeError, RecipeError) as exc:
+            raise StorageError(f"{url!r}: corrupt adapterkit metadata ({exc})") from None
+        if header.content == "adapter" and recipe is None:
+            raise StorageError(f"{url!r}: corrupt adapterkit metadata (an adapter without its recipe)")
+        return cls(
+            url=url, size=header.file_size, header_size=header.header_size, format_version=header.version,
+            content=header.content, recipe=recipe, plugins=dict(plugins), sites=sites,
+            digest=header.metadata.get(KEY_DIGEST),
+            metadata={k: v for k, v in header.metadata.items() if not k.startswith(PREFIX)},
+            tensors=tuple(sorted(header.tensors.values(), key=lambda t: t.offsets)),
+        )
+
+    @property
+    def kind(self) -> str:
+        """The adapter kind (``lora``, ...) or, for other files, the content."""
+        return self.recipe.kind if self.recipe else self.content
+
+    @property
+    def method(self) -> str:
+        """Kind plus every non-default role, e.g. ``lora+mhr+poly``; ``-`` for non-adapters."""
+        if self.recipe is None:
+            return "-"
+        roles = [self.recipe.role(r).name for r in ROLES if self.recipe.role(r).name != DEFAULT_ROLE_NAMES[r]]
+        return "+".join([self.recipe.kind, *roles])
+
+    @property
+    def data_size(self) -> int:
+        return self.size - self.header_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url, "size": self.size, "header_size": self.header_size,
+            "format_version": self.format_version, "content": self.content, "kind": self.kind,
+            "method": self.method, "recipe": self.recipe.to_dict() if self.recipe else None,
+            "plugins": dict(self.plugins), "sites": list(self.sites), "digest": self.digest,
+            "metadata": dict(self.metadata), "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"url       {self.url}",
+            f"content   {self.content} (format {self.format_version if self.format_version else 'none: foreign'})",
+            f"method    {self.method}",
+            f"size      {self.size:,} bytes ({self.header_size:,} header, {self.data_size:,} tensor data)",
+            f"digest    {self.digest or 'none'}",
+            f"plugins   {', '.join(f'{k} {v}' for k, v in sorted(self.plugins.items())) or '-'}",
+            f"sites     {len(self.sites)}",
+        ]
+        lines += [f"meta      {k} = {v}" for k, v in sorted(self.metadata.items())]
+        if self.recipe is not None:
+            lines.append(f"recipe    {json.dumps(self.recipe.to_dict(), sort_keys=True)}")
+        lines.append(f"{'tensor':<56} {'dtype':<6} {'shape':<20} {'bytes':>12}")
+        lines += [f"{t.name:<56} {t.dtype:<6} {str(list(t.shape)):<20} {t.nbytes:>12,}" for t in self.tensors]
+        return "\n".join(lines)
+
+
+@attrs.frozen
+class ListEntry:
+    """One file of a library listing: its info, or the one-line reason it could not be read."""
+
+    name: str
+    url: str
+    size: int
+    info: AdapterInfo | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "url": self.url, "size": self.size, "error": self.error}
+        if self.info is not None:
+            out.update(kind=self.info.kind, method=self.info.method, content=self.info.content,
+                       sites=len(self.info.sites), tensors=len(self.info.tensors), digest=self.info.digest,
+                       metadata=dict(self.info.metadata))
+        return out
+
+
+# --- save / load ------------------------------------------------------------------------
+
+
+def save(
+    model_or_tensors: nn.Module | Mapping[str, Tensor],
+    url: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> AdapterInfo:
+    """Write the adapter of an attached model (or named tensors) as one safetensors file.
+
+    The file carries the recipe, the plugin versions, the sites and digests, so
+    ``adapterkit.load(url, fresh_model)`` can rebuild the adapter. The write is atomic.
+    """
+    from ..attach import adapter_state_dict, sites, state_of
+
+    meta = dict(metadata or {})
+    reserved = [k for k in meta if isinstance(k, str) and k.startswith(PREFIX)]
+    if reserved:
+        raise StorageError(f"metadata key {reserved[0]!r} is reserved: keys starting with {PREFIX!r} "
+                           "belong to adapterkit")
+    loc = resolve(url, storage_options, write=True)
+    if isinstance(model_or_tensors, nn.Module):
+        recipe = state_of(model_or_tensors).recipe
+        meta[KEY_RECIPE] = json.dumps(recipe.to_dict(), sort_keys=True)
+        meta[KEY_SITES] = json.dumps(list(sites(model_or_tensors)))
+        meta[KEY_PLUGINS] = json.dumps(_providers(recipe), sort_keys=True)
+        header, parts = encode(adapter_state_dict(model_or_tensors), meta, "adapter")
+    elif isinstance(model_or_tensors, Mapping):
+        header, parts = encode(model_or_tensors, meta, "tensors")
+    else:
+        kind = type(model_or_tensors).__name__
+        raise StorageError(f"save takes an attached nn.Module or a mapping of tensors, got {kind}")
+    write_atomic(loc, parts)
+    return AdapterInfo.from_header(url, header)
+
+
+def _providers(recipe: Recipe) -> dict[str, str]:
+    """``{plugin: version}`` of the plugins supplying the recipe's kind and roles."""
+    from ..plugins import get_host
+
+    host = get_host()
+    versions = host.plugin_versions()
+    used = [("kind", recipe.kind), *((role, recipe.role(role).name) for role in ROLES)]
+    out = {}
+    for role, name in used:
+        plugin = host.registries[role].provider(name)
+        out[plugin] = versions.get(plugin, "unknown")
+    return out
+
+
+def load(
+    url: str, model: nn.Module, *, strict: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Load an adapter file into ``model`` (attaching its stored recipe first if the model
+    has no adapters), after verifying every digest; returns the model.
+
+    ``strict`` (default) requires the file and the model to hold the same adapter tensors;
+    otherwise tensors on only one side are skipped. Shapes must always match.
+    """
+    from ..attach import STATE_ATTR, adapter_state_dict, attach, sites
+
+    loc = resolve(url, storage_options)
+    data = read_all(loc, writable=False)
+    header = parse_whole(data, url)
+    check(header, url, verify=True)
+    info = AdapterInfo.from_header(url, header)
+    if info.content != "adapter" or info.recipe is None:
+        raise StorageError(f"{url!r} holds {info.content}, not an adapter; read it with adapterkit.load_tensors")
+    if not hasattr(model, STATE_ATTR):
+        try:
+            attach(model, info.recipe)
+        except UnknownNameError as exc:
+            made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
+            raise StorageError(f"cannot load {url!r}: {exc} (it was written with plugins: {made_by})") from None
+    ours = adapter_state_dict(model)
+    wanted = _match(info, header, ours, list(sites(model)), url, strict)
+    tensors = decode(header, wanted, [(data, header.header_size)] * len(wanted), url, verify=True)
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def _match(
+    info: AdapterInfo, header: Header, ours: Mapping[str, Tensor], model_sites: list[str], url: str, strict: bool
+) -> list[TensorInfo]:
+    """The file's tensors to load; one-line errors naming the site for mismatches."""
+    site_names = sorted({*info.sites, *model_sites}, key=len, reverse=True)
+
+    def site(key: str) -> str:
+        return _site_of(key, site_names)
+
+    wanted = []
+    for name, entry in header.tensors.items():
+        target = ours.get(name)
+        if target is None:
+            if strict:
+                where = site(name)
+                raise StorageError(f"cannot load {url!r}: site {where!r} of the adapter is not in the model "
+                                   f"(tensor {name!r}); model sites: {_short(model_sites)}")
+            continue
+        if tuple(target.shape) != entry.shape:
+            where = site(name)
+            raise StorageError(
+                f"cannot load {url!r}: site {where!r}: {name[len(where) + 1:]} has shape {list(entry.shape)} "
+                f"in the file but {list(target.shape)} in the model"
+            )
+        wanted.append(entry)
+    missing = [k for k in ours if k not in header.tensors]
+    if strict and missing:
+        raise StorageError(f"cannot load {url!r}: site {site(missing[0])!r} of the model has no tensors in the file "
+                           f"(missing {missing[0]!r}); file sites: {_short(info.sites)}")
+    return wanted
+
+
+def _site_of(key: str, site_names: list[str]) -> str:
+    """The longest site name that prefixes ``key`` (sites are dotted module paths)."""
+    for name in site_names:
+        if key.startswith(name + "."):
+            return name
+    return key.rpartition(".")[0]
+
+
+def _short(items: Any, limit: int = 5) -> str:
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") or "none"
+
+
+# --- inspect / ls / cp ------------------------------------------------------------------
+
+
+def inspect(url: str, *, storage_options: Mapping[str, Any] | None = None) -> AdapterInfo:
+    """The header of an adapter file (recipe, format version, plugins, tensors, sizes),
+    read with ranged reads only: a size query, at most 64 KiB, and the rest of the
+    header if it is larger. Checks the header digest; tensor data is checked by ``load``."""
+    loc = resolve(url, storage_options)
+    header = read_header(loc)
+    verify_header(header, url)
+    return AdapterInfo.from_header(url, header)
+
+
+def ls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[ListEntry]:
+    """Every ``*.safetensors`` file under a URL prefix (hidden names skipped), each
+    described from its header only; a broken file becomes an entry with its error."""
+    loc = resolve(url, storage_options)
+    fs = loc.fs
+    with storage_errors("list", url):
+        if fs.isfile(loc.path):
+            found = {loc.path: fs.info(loc.path)}
+            root = loc.path.rpartition("/")[0]
+        else:
+            found = fs.find(loc.path, detail=True)
+            root = loc.path.rstrip("/")
+    files = []
+    for path, detail in sorted(found.items()):
+        rel = path[len(root):].lstrip("/") if root and path.startswith(root) else path
+        if detail.get("type", "file") != "file" or not path.endswith(SUFFIX):
+            continue
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # temp files of writes in progress, and other hidden names
+        files.append((rel, path, detail.get("size")))
+    probes = _probe(loc, [(p, s) for _, p, s in files])
+    entries = []
+    for (rel, path, _), (real_size, probe) in zip(files, probes, strict=True):
+        child = loc.child(path)
+        try:
+            if isinstance(probe, BaseException):
+                raise probe
+            info = AdapterInfo.from_header(child.url, _checked_header(child, real_size, probe))
+            entries.append(ListEntry(rel, child.url, real_size, info))
+        except StorageError as exc:
+            entries.append(ListEntry(rel, child.url, real_size or 0, None, str(exc)))
+    return entries
+
+
+def _probe(loc: Location, files: list[tuple[str, int | None]]) -> list[tuple[int, bytes | BaseException]]:
+    """First bytes of many files in one batch (async backends fetch them concurrently)."""
+    sizes = []
+    for path, size in files:
+        if size is None:
+            try:
+                size = int(loc.fs.size(path))
+            except Exception:
+                size = 0
+        sizes.append(size)
+    if not files:
+        return []
+    ends = [min(PROBE_BYTES, s) for s in sizes]
+    with storage_errors("list", loc.url):
+        got = loc.fs.cat_ranges([p for p, _ in files], [0] * len(files), ends)
+    out: list[tuple[int, bytes | BaseException]] = []
+    for size, item in zip(sizes, got, strict=True):
+        if isinstance(item, BaseException) and not isinstance(item, StorageError):
+            with_error: BaseException = StorageError(f"cannot read: {type(item).__name__}: {item}")
+            out.append((size, with_error))
+        else:
+            out.append((size, item))
+    return out
+
+
+def _checked_header(loc: Location, size: int, probe: bytes) -> Header:
+    header = read_header(loc, size=size, probe=probe)
+    verify_header(header, loc.url)
+    return header
+
+
+def cp(
+    src: str,
+    dst: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    dst_storage_options: Mapping[str, Any] | None = None,
+) -> AdapterInfo:
+    """Copy one adapter file between any two URLs, verifying it on the way, writing
+    atomically. A ``dst`` ending in ``/`` (or an existing directory) gets the source's name."""
+    src_loc = resolve(src, storage_options)
+    data = read_all(src_loc, writable=False)
+    header = parse_whole(data, src)
+    verify_header(header, src)
+    if header.version is not None:
+        wanted = list(header.tensors.values())
+        decode(header, wanted, [(data, header.header_size)] * len(wanted), src, verify=True)
+    options = storage_options if dst_storage_options is None else dst_storage_options
+    dst_loc = resolve(dst, options, write=True)
+    name = src.split("::")[0].rstrip("/").rpartition("/")[2]
+    with storage_errors("write", dst):
+        is_dir = dst.endswith("/") or dst_loc.fs.isdir(dst_loc.path)
+    if is_dir:
+        dst = dst.rstrip("/") + "/" + name
+        dst_loc = resolve(dst, options, write=True)
+    write_atomic(dst_loc, [data])
+    return AdapterInfo.from_header(dst, header)

@@ -1,0 +1,163 @@
+"""Bytes in and out of fsspec locations: ranged header reads, whole reads, atomic writes.
+
+Atomic writes, so a reader sees the old file or the new one and never a part, and a
+crash mid-write leaves the old file in place:
+
+- local files: write a hidden temp file (``.<name>.tmp-<random>``) beside the target,
+  then ``os.replace`` it into place (a rename within one directory is atomic);
+- ``memory://``: the whole file is assembled and stored in one dict assignment;
+- object stores (S3, GCS, Azure, ...): write the final key directly: a store publishes
+  an object only when its upload completes (a killed multipart upload stays invisible),
+  and an object "rename" would be a second full copy; a failed upload is aborted;
+- other writable filesystems (SFTP, FTP, ...): hidden temp name, then ``mv``.
+
+Durability against power loss (fsync) is not attempted: these guarantees are about
+readers and crashed writers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from .errors import StorageError
+from .format import PROBE_BYTES, Header, header_length, parse_header
+from .urls import OBJECT_STORES, Location, storage_errors
+
+Buffer = bytes | bytearray | memoryview
+
+
+def file_size(loc: Location) -> int:
+    with storage_errors("read", loc.url):
+        if loc.fs.isdir(loc.path):
+            raise IsADirectoryError(loc.path)
+        size = loc.fs.size(loc.path)
+    if size is None:
+        raise StorageError(f"cannot read {loc.url!r}: the server does not report its size")
+    return int(size)
+
+
+def read_header(loc: Location, size: int | None = None, probe: bytes | None = None) -> Header:
+    """Parse the header with ranged reads: one of at most 64 KiB, a second only for a larger header."""
+    if size is None:
+        size = file_size(loc)
+    with storage_errors("read", loc.url):
+        if probe is None:
+            probe = loc.fs.cat_file(loc.path, start=0, end=min(PROBE_BYTES, size)) if size else b""
+        length = header_length(probe, size, loc.url)
+        if 8 + length > len(probe):
+            probe = probe + loc.fs.cat_file(loc.path, start=len(probe), end=8 + length)
+    return parse_header(bytes(probe[8 : 8 + length]), size, loc.url)
+
+
+def read_all(loc: Location, *, writable: bool) -> Buffer:
+    """The whole file in one read (one request for remote stores, one consistent open for
+    local files); ``writable`` returns a ``bytearray`` that tensors may alias and mutate."""
+    with storage_errors("read", loc.url):
+        fs = loc.fs
+        if isinstance(fs, LocalFileSystem):
+            with open(loc.path, "rb") as file:
+                buf = bytearray(os.fstat(file.fileno()).st_size)
+                view, done = memoryview(buf), 0
+                while done < len(buf):
+                    got = file.readinto(view[done:])
+                    if not got:
+                        break
+                    done += got
+                return buf if done == len(buf) else buf[:done]
+        if isinstance(fs, MemoryFileSystem) and writable:
+            if fs.isdir(loc.path):
+                raise IsADirectoryError(loc.path)
+            with fs.open(loc.path, "rb") as file, file.getbuffer() as stored:
+                return bytearray(stored)
+        data = fs.cat_file(loc.path)
+    return bytearray(data) if writable else data
+
+
+def parse_whole(data: Buffer, url: str) -> Header:
+    """The header of a file already read whole."""
+    length = header_length(bytes(data[: min(len(data), 16)]), len(data), url)
+    return parse_header(bytes(data[8 : 8 + length]), len(data), url)
+
+
+def read_ranges(loc: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Byte ranges of one file; async backends (S3, HTTP, GCS) fetch them concurrently."""
+    if not ranges:
+        return []
+    with storage_errors("read", loc.url):
+        got = loc.fs.cat_ranges([loc.path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges])
+        for item in got:
+            if isinstance(item, BaseException):
+                raise item
+    return list(got)
+
+
+def write_atomic(loc: Location, parts: Sequence[Buffer]) -> None:
+    """Write ``parts`` back to back as the file at ``loc`` atomically (see the module docstring)."""
+    fs = loc.fs
+    with storage_errors("write", loc.url):
+        if isinstance(fs, LocalFileSystem):
+            _write_local(loc.path, parts, fs)
+        elif isinstance(fs, MemoryFileSystem):
+            fs.pipe_file(loc.path, parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts))
+        elif loc.protocol in OBJECT_STORES:
+            _stream(fs, loc.path, parts)
+        else:
+            tmp = temp_name(loc.path)
+            _stream(fs, tmp, parts)
+            try:
+                fs.mv(tmp, loc.path)
+            except BaseException:
+                _remove_quietly(fs, tmp)
+                raise
+
+
+def temp_name(path: str) -> str:
+    """A hidden sibling of ``path`` (listings skip dot names)."""
+    parent, _, name = path.rpartition("/")
+    hidden = f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return f"{parent}/{hidden}" if parent or path.startswith("/") else hidden
+
+
+def _write_local(path: str, parts: Sequence[Buffer], fs: LocalFileSystem) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as file:
+            for part in parts:
+                file.write(part)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+
+
+def _stream(fs: object, path: str, parts: Sequence[Buffer]) -> None:
+    file = fs.open(path, "wb")  # type: ignore[attr-defined]
+    try:
+        for part in parts:
+            file.write(part)
+    except BaseException:
+        # closing would publish a partial object: abort the upload instead
+        discard = getattr(file, "discard", None)
+        if discard is not None:
+            discard()
+        try:
+            file.closed = True  # and keep garbage collection from closing (committing) it
+        except AttributeError:
+            pass
+        raise
+    file.close()
+
+
+def _remove_quietly(fs: object, path: str) -> None:
+    try:
+        fs.rm_file(path)  # type: ignore[attr-defined]
+    except Exception:
+        pass

@@ -1,0 +1,211 @@
+"""Named tensors to and from one safetensors file at any fsspec URL, with digests.
+
+``save_tensors``/``load_tensors`` are the low level under ``adapterkit.save``/``load`` and
+serve anything that is not a whole attached model: per-task routing rows (MHR-z),
+merged results, skill inventories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import StorageError
+from .format import (
+    FORMAT_VERSION,
+    KEY_CONTENT,
+    KEY_FORMAT,
+    KEY_PLUGINS,
+    KEY_SHA256,
+    KEY_WRITER,
+    PREFIX,
+    Header,
+    TensorInfo,
+    encode_header,
+    layout,
+    sha256_hex,
+    verify_header,
+)
+from .io import Buffer, parse_whole, read_all, read_header, read_ranges, write_atomic
+from .urls import Location, resolve
+
+PARALLEL_HASH_BYTES = 8 * 1024 * 1024  # below this a thread pool costs more than it saves
+RANGE_GAP = 1024 * 1024  # fetch small gaps between wanted tensors rather than issue another request
+
+
+def hash_all(views: Sequence[memoryview]) -> list[str]:
+    """sha256 of each view; hashlib releases the GIL, so large sets hash on several cores."""
+    if len(views) > 1 and sum(v.nbytes for v in views) >= PARALLEL_HASH_BYTES:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            return list(pool.map(sha256_hex, views))
+    return [sha256_hex(v) for v in views]
+
+
+def tensor_view(tensor: Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return flat.numpy().data.cast("B")
+
+
+def encode(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str], content: str
+) -> tuple[Header, list[Buffer]]:
+    """Header (with digests) and the parts to write, tensor bytes uncopied."""
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise StorageError(f"metadata must map strings to strings, got {key!r}: {type(value).__name__}")
+        if key.startswith(PREFIX) and content == "tensors":
+            raise StorageError(f"metadata key {key!r} is reserved: keys starting with {PREFIX!r} belong to adapterkit")
+    cpu: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise StorageError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        cpu[name] = tensor.detach().to("cpu").contiguous()
+    infos = layout(cpu)
+    views = [tensor_view(cpu[info.name]) for info in infos]
+    digests = hash_all(views)
+    meta = {
+        **metadata,
+        KEY_FORMAT: str(FORMAT_VERSION),
+        KEY_CONTENT: content,
+        KEY_SHA256: json.dumps({i.name: d for i, d in zip(infos, digests, strict=True)}, separators=(",", ":")),
+    }
+    meta.setdefault(KEY_PLUGINS, "{}")
+    meta[KEY_WRITER] = f"adapterkit {_version()}"
+    header_bytes = encode_header(infos, meta)
+    header = parse_whole_header(header_bytes, infos)
+    return header, [header_bytes, *views]
+
+
+def parse_whole_header(header_bytes: bytes, infos: list[TensorInfo]) -> Header:
+    data_size = infos[-1].offsets[1] if infos else 0
+    metadata = json.loads(header_bytes[8:])["__metadata__"]
+    return Header(len(header_bytes), data_size, {i.name: i for i in infos}, metadata)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def save_tensors(
+    tensors: Mapping[str, Tensor],
+    url: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Header:
+    """Write named tensors as one safetensors file at ``url``, atomically, with digests.
+
+    ``metadata`` adds your own string keys (``adapterkit.*`` is reserved). Returns the header.
+    """
+    loc = resolve(url, storage_options, write=True)
+    header, parts = encode(tensors, dict(metadata or {}), "tensors")
+    write_atomic(loc, parts)
+    return header
+
+
+def load_tensors(
+    url: str,
+    names: Iterable[str] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    verify: bool = True,
+) -> dict[str, Tensor]:
+    """Read tensors from a safetensors file at ``url``, checking their digests.
+
+    With ``names``, only the header and those tensors' byte ranges are fetched.
+    ``verify=False`` also accepts safetensors files not written by adapterkit (no digests).
+    """
+    loc = resolve(url, storage_options)
+    if names is None:
+        data = read_all(loc, writable=True)
+        header = parse_whole(data, url)
+        check(header, url, verify)
+        wanted = list(header.tensors.values())
+        pieces = [(data, header.header_size)] * len(wanted)
+    else:
+        header = read_header(loc)
+        check(header, url, verify)
+        wanted = select(header, names, url)
+        pieces = fetch(loc, header, wanted, writable=True)
+    tensors = decode(header, wanted, pieces, url, verify)
+    if device is not None:
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors
+
+
+def check(header: Header, url: str, verify: bool) -> None:
+    if verify and header.version is None:
+        raise StorageError(f"{url!r} was not written by adapterkit and has no digests to verify; "
+                           "pass verify=False to load it anyway")
+    verify_header(header, url)
+
+
+def select(header: Header, names: Iterable[str], url: str) -> list[TensorInfo]:
+    wanted = []
+    for name in names:
+        if name not in header.tensors:
+            shown = ", ".join(list(header.tensors)[:6]) + (", ..." if len(header.tensors) > 6 else "")
+            raise StorageError(f"{url!r} has no tensor {name!r}; it holds: {shown or 'none'}")
+        wanted.append(header.tensors[name])
+    return wanted
+
+
+def fetch(
+    loc: Location, header: Header, wanted: list[TensorInfo], *, writable: bool
+) -> list[tuple[Buffer, int]]:
+    """Fetch the byte ranges of ``wanted`` (nearby ranges merged); per tensor: (buffer, base offset)."""
+    spans: list[list[int]] = []  # [start, end] in file offsets
+    for info in sorted(wanted, key=lambda i: i.offsets):
+        start, end = header.header_size + info.offsets[0], header.header_size + info.offsets[1]
+        if spans and start - spans[-1][1] <= RANGE_GAP:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    blobs: list[Buffer] = list(read_ranges(loc, [(s, e) for s, e in spans]))
+    if writable:
+        blobs = [bytearray(blob) for blob in blobs]
+    out = []
+    for info in wanted:
+        start = header.header_size + info.offsets[0]
+        index = max(i for i, span in enumerate(spans) if span[0] <= start)
+        blob = blobs[index]
+        if len(blob) != spans[index][1] - spans[index][0]:
+            raise StorageError(f"{loc.url!r} changed or is truncated: short read of tensor {info.name!r}")
+        out.append((blob, header.header_size - spans[index][0]))
+    return out
+
+
+def decode(
+    header: Header, wanted: list[TensorInfo], pieces: list[tuple[Buffer, int]], url: str, verify: bool
+) -> dict[str, Tensor]:
+    """Tensors aliasing the read buffers (no copy), after checking each one's digest."""
+    views = [
+        memoryview(buf)[base + i.offsets[0] : base + i.offsets[1]]
+        for i, (buf, base) in zip(wanted, pieces, strict=True)
+    ]
+    if verify:
+        expected = header.json_value(KEY_SHA256)
+        for info, digest in zip(wanted, hash_all(views), strict=True):
+            if digest != expected[info.name]:
+                raise StorageError(f"{url!r}: tensor {info.name!r} does not match its sha256 digest; "
+                                   "the file is corrupted or was modified")
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffers only reach load(), which copies
+        for info, view in zip(wanted, views, strict=True):
+            if view.nbytes == 0:
+                out[info.name] = torch.empty(info.shape, dtype=info.torch_dtype)
+            else:
+                out[info.name] = torch.frombuffer(view, dtype=info.torch_dtype).reshape(info.shape)
+    return out
