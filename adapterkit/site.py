@@ -46,8 +46,21 @@ def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> 
     return mixed.movedim(1, axis).flatten(axis, axis + 1)
 
 
-def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight (+ bias)`` for a shared ``weight[i, o]`` or per-example ``weight[b, i, o]``."""
+def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, add_to: Tensor | None = None) -> Tensor:
+    """``x @ weight (+ bias)`` for a shared ``weight[i, o]`` or per-example ``weight[b, i, o]``.
+
+    ``add_to`` (shaped like the result) is added in the same GEMM (``addmm``/``baddbmm``),
+    saving a pass over the output: adapters use it to add their update to the base output.
+    """
+    if add_to is not None:
+        if bias is not None:
+            add_to = add_to + bias
+        if weight.dim() == 2:
+            out = torch.addmm(add_to.reshape(-1, weight.shape[-1]), x.reshape(-1, x.shape[-1]), weight)
+        else:
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            out = torch.baddbmm(add_to.reshape(x.shape[0], -1, weight.shape[-1]), flat, weight)
+        return out.view(add_to.shape)
     if weight.dim() == 2:
         return F.linear(x, weight.mT, bias)  # one fused addmm, like nn.Linear
     flat = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -127,22 +140,44 @@ class AdapterSite(Configurable, nn.Module):
                 "`with adapterkit.route(model, task_ids):`"
             )
         if task_ids.shape[0] != batch:
-            raise RoutingError(
-                f"site {self.site_name!r}: {task_ids.shape[0]} task ids for a batch of {batch}"
-            )
+            if task_ids.shape[0] != 1:
+                raise RoutingError(
+                    f"site {self.site_name!r}: {task_ids.shape[0]} task ids for a batch of {batch}"
+                )
+            if self.training:  # one id for the whole batch; training draws stay per example
+                task_ids = task_ids.expand(batch)
         return self.router(task_ids)
 
     def weights(self, batch: int) -> dict[str, Tensor]:
         """Effective weights of every projection: gated by the sampler, mixed by the router.
 
-        Each is ``[*shape]`` (shared by the batch) or ``[batch, *shape]`` (routed).
+        Each is ``[*shape]`` (shared by the batch: unrouted, or routing weights of batch
+        size 1, e.g. one task id for the whole batch in eval) or ``[batch, *shape]``.
+        In eval, when the router declares ``config.tasks`` fewer than the batch, weights
+        are mixed once per task and gathered per example (no host sync): an eval router's
+        weights depend on the task id only.
         """
-        routing = self.routing_weights(batch)
+        index = None
+        tasks = getattr(self.router.config, "tasks", None)
+        task_ids = self.routing.task_ids
+        if (
+            not self.training and self.router.needs_task_ids and isinstance(tasks, int) and 1 < tasks < batch
+            and task_ids is not None and task_ids.shape[0] == batch
+        ):
+            routing: Tensor | None = self.router(torch.arange(tasks, device=task_ids.device))
+            index = task_ids
+        else:
+            routing = self.routing_weights(batch)
         out = {}
         for name, module in self.projections.items():
             partition = self.partition(name)
             gates = self.sampler.gates(partition, self.training, _device_of(module))
-            out[name] = mix_skills(module(gates), routing, partition)
+            mixed = mix_skills(module(gates), routing, partition)
+            if index is not None:
+                mixed = mixed[index]
+            elif routing is not None and routing.shape[0] == 1:
+                mixed = mixed[0]
+            out[name] = mixed
         return out
 
     @torch.no_grad()
