@@ -275,7 +275,7 @@ def ls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[Li
     loc = resolve(url, storage_options)
     fs = loc.fs
     with storage_errors("list", url):
-        if fs.isfile(loc.path):
+        if loc.path.endswith(SUFFIX) and fs.isfile(loc.path):  # (HTTP calls any 200 URL a file)
             found = {loc.path: fs.info(loc.path)}
             root = loc.path.rpartition("/")[0]
         else:

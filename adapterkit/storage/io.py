@@ -33,9 +33,10 @@ Buffer = bytes | bytearray | memoryview
 
 def file_size(loc: Location) -> int:
     with storage_errors("read", loc.url):
-        if loc.fs.isdir(loc.path):
+        info = loc.fs.info(loc.path)  # a HEAD request over HTTP (isdir would GET the page)
+        if info.get("type") == "directory":
             raise IsADirectoryError(loc.path)
-        size = loc.fs.size(loc.path)
+        size = info.get("size")
     if size is None:
         raise StorageError(f"cannot read {loc.url!r}: the server does not report its size")
     return int(size)
