@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .errors import AdapterkitError
-from .plugins import ROLE_HOOKS, get_host
+from .plugins import ROLE_HOOKS, PluginFailure, get_host
 
 
 class AdapterkitGroup(click.Group):
@@ -27,7 +27,13 @@ class AdapterkitGroup(click.Group):
             return
         self._plugins_added = True
         host = get_host()
-        host.pm.hook.adapterkit_register_commands(cli=self)
+        for impl in host.pm.hook.adapterkit_register_commands.get_hookimpls():
+            try:  # one by one: a plugin whose hook raises must not take the CLI down
+                impl.function(*[{"cli": self}[arg] for arg in impl.argnames])
+            except Exception as exc:
+                failure = PluginFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}")
+                host.failures.append(failure)
+                click.echo(f"warning: {failure}", err=True)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._plugin_commands()

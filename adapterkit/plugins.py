@@ -112,7 +112,9 @@ class PluginHost:
         wanted = _env_list(ENV_PLUGINS)
         blocked = _env_list(ENV_BLOCK)
         eps = entry_points if entry_points is not None else metadata.entry_points(group=ENTRY_POINT_GROUP)
-        for ep in sorted(eps, key=lambda e: e.name):
+        # adapterkit's own plugins first: a third-party name clash then fails the newcomer,
+        # never the built-ins (a name sorting before "builtins" would otherwise take them down)
+        for ep in sorted(eps, key=lambda e: (e.dist is None or e.dist.name != BUILTIN_DISTRIBUTION, e.name)):
             dist = ep.dist.name if ep.dist is not None else None
             if ep.name in blocked or ep.name in self.plugins:
                 continue
