@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
 from torch import Tensor, nn
 
-from ..errors import RecipeError, UnknownNameError
+from ..errors import AdapterkitError, RecipeError
 from ..recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe
 from .errors import StorageError
 from .format import (
@@ -189,7 +190,7 @@ def load(
     ``strict`` (default) requires the file and the model to hold the same adapter tensors;
     otherwise tensors on only one side are skipped. Shapes must always match.
     """
-    from ..attach import STATE_ATTR, adapter_state_dict, attach, sites
+    from ..attach import adapter_state_dict, sites
 
     loc = resolve(url, storage_options)
     data = read_all(loc, writable=False)
@@ -198,17 +199,37 @@ def load(
     info = AdapterInfo.from_header(url, header)
     if info.content != "adapter" or info.recipe is None:
         raise StorageError(f"{url!r} holds {info.content}, not an adapter; read it with adapterkit.load_tensors")
-    if not hasattr(model, STATE_ATTR):
-        try:
-            attach(model, info.recipe)
-        except UnknownNameError as exc:
-            made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
-            raise StorageError(f"cannot load {url!r}: {exc} (it was written with plugins: {made_by})") from None
-    ours = adapter_state_dict(model)
-    wanted = _match(info, header, ours, list(sites(model)), url, strict)
-    tensors = decode(header, wanted, [(data, header.header_size)] * len(wanted), url, verify=True)
-    model.load_state_dict(tensors, strict=False)
+    everything = list(header.tensors.values())
+    tensors = decode(header, everything, [(data, header.header_size)] * len(everything), url, verify=True)
+    with _attached(model, info, url):  # a refused load leaves the model as it was
+        wanted = _match(info, header, adapter_state_dict(model), list(sites(model)), url, strict)
+        model.load_state_dict({i.name: tensors[i.name] for i in wanted}, strict=False)
     return model
+
+
+@contextlib.contextmanager
+def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
+    """Attach the stored recipe if the model has no adapters; undo that if loading fails."""
+    from ..attach import STATE_ATTR, _set_submodule, attach, sites
+
+    if hasattr(model, STATE_ATTR):
+        yield
+        return
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    try:
+        attach(model, info.recipe)  # type: ignore[arg-type]
+    except AdapterkitError as exc:
+        made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
+        raise StorageError(f"cannot load {url!r}: {exc} (the adapter was made with: {made_by})") from None
+    try:
+        yield
+    except BaseException:
+        for name, site in sites(model).items():
+            _set_submodule(model, name, site.base)
+        delattr(model, STATE_ATTR)
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+        raise
 
 
 def _match(
