@@ -3,8 +3,9 @@
 Atomic writes, so a reader sees the old file or the new one and never a part, and a
 crash mid-write leaves the old file in place:
 
-- local files: write a hidden temp file (``.<name>.tmp-<random>``) beside the target,
-  then ``os.replace`` it into place (a rename within one directory is atomic);
+- local files: write a hidden temp file (``.<name>.tmp-<pid>-<random>``) beside the
+  target, then ``os.replace`` it into place (a rename within one directory is atomic);
+  temp files left by a killed writer are removed by the next save to that name;
 - ``memory://``: the whole file is assembled and stored in one dict assignment;
 - object stores (S3, GCS, Azure, ...): write the final key directly: a store publishes
   an object only when its upload completes (a killed multipart upload stays invisible),
@@ -17,7 +18,9 @@ readers and crashed writers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -128,6 +131,7 @@ def _write_local(path: str, parts: Sequence[Buffer], fs: LocalFileSystem) -> Non
     parent = os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    _remove_orphans(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as file:
@@ -137,6 +141,33 @@ def _write_local(path: str, parts: Sequence[Buffer], fs: LocalFileSystem) -> Non
     except BaseException:
         _remove_quietly(fs, tmp)
         raise
+
+
+def _remove_orphans(path: str) -> None:
+    """Delete temp files of earlier writes to ``path`` whose writer process is gone (killed)."""
+    parent, name = os.path.split(path)
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]+")
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return
+    for entry in names:
+        match = pattern.fullmatch(entry)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, entry))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _stream(fs: object, path: str, parts: Sequence[Buffer]) -> None:
