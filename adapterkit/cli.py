@@ -81,3 +81,8 @@ from .cli_storage import cp_command, inspect_command, ls_command  # noqa: E402
 cli.add_command(inspect_command)
 cli.add_command(ls_command)
 cli.add_command(cp_command)
+
+from .cli_workflows import COMMANDS as WORKFLOW_COMMANDS  # noqa: E402
+
+for _command in WORKFLOW_COMMANDS:
+    cli.add_command(_command)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .roles import Merger, Router, Sampler, Splitter
     from .site import AdapterSite
+    from .zoo import Backbone, Dataset
 
 hookspec = pluggy.HookspecMarker("adapterkit")
 hookimpl = pluggy.HookimplMarker("adapterkit")
@@ -70,6 +71,24 @@ def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
 
     :param registry: add :class:`~adapterkit.roles.Merger` subclasses by name; the
         name is what recipes write in ``[merger] name`` and ``adapterkit merge`` takes.
+    """
+
+
+@hookspec
+def adapterkit_register_backbones(registry: Registry[Backbone]) -> None:
+    """Register backbones: pretrained models the workflows (``adapterkit train``) can adapt.
+
+    :param registry: add :class:`~adapterkit.zoo.Backbone` subclasses by name; the name
+        is what workflow configs write in ``[model] backbone``.
+    """
+
+
+@hookspec
+def adapterkit_register_datasets(registry: Registry[Dataset]) -> None:
+    """Register datasets: labelled corpora (optionally split into tasks) for the workflows.
+
+    :param registry: add :class:`~adapterkit.zoo.Dataset` subclasses by name; the name
+        is what workflow configs write in ``[data] dataset``.
     """
 
 

@@ -27,6 +27,7 @@ from . import hookspecs
 from .registry import Registry
 from .roles import Merger, Router, Sampler, Splitter
 from .site import AdapterSite
+from .zoo import Backbone, Dataset
 
 ENTRY_POINT_GROUP = "adapterkit"
 ENV_DISABLE_AUTOLOAD = "ADAPTERKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -41,6 +42,8 @@ ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
     "sampler": ("adapterkit_register_samplers", "sampler", Sampler),
     "router": ("adapterkit_register_routers", "router", Router),
     "merger": ("adapterkit_register_mergers", "merger", Merger),
+    "backbone": ("adapterkit_register_backbones", "backbone", Backbone),
+    "dataset": ("adapterkit_register_datasets", "dataset", Dataset),
 }
 
 
@@ -100,6 +103,14 @@ class PluginHost:
     @property
     def mergers(self) -> Registry[Merger]:
         return self.registries["merger"]
+
+    @property
+    def backbones(self) -> Registry[Backbone]:
+        return self.registries["backbone"]
+
+    @property
+    def datasets(self) -> Registry[Dataset]:
+        return self.registries["dataset"]
 
     # loading ----------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:

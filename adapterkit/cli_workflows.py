@@ -1,0 +1,222 @@
+"""CLI commands ``train``, ``adapt``, ``merge``, ``eval`` and ``heatmap`` (see :mod:`adapterkit.workflows`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+import tomllib
+
+from .errors import AdapterkitError
+
+
+def _value(text: str) -> Any:
+    """A ``--set`` value as TOML (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _pairs(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AdapterkitError(f"{what} {item!r} must look like key=value")
+        out[key.strip()] = _value(value.strip())
+    return out
+
+
+def _write_json(data: Any, target: str | None) -> None:
+    text = json.dumps(data, indent=2)
+    if target in (None, "-"):
+        click.echo(text)
+    else:
+        import fsspec
+
+        with fsspec.open(target, "w") as f:
+            f.write(text + "\n")
+
+
+@click.command("train")
+@click.argument("config", required=False)
+@click.option("--default", "use_default", is_flag=True, help="Run the embedded default (also when CONFIG is omitted).")
+@click.option("--show-default", is_flag=True, help="Print the embedded default config and exit.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config key (TOML value)."
+)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint at [checkpoint] url.")
+@click.option("--checkpoint", "checkpoint_url", metavar="URL", help="Checkpoint URL (overrides [checkpoint] url).")
+@click.option(
+    "--stop-at", type=click.IntRange(min=1), metavar="STEP", help="Stop after this global step, checkpointed."
+)
+@click.option("--json", "json_out", metavar="FILE", help="Write the evaluation as JSON ('-': stdout).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(
+    config: str | None,
+    use_default: bool,
+    show_default: bool,
+    overrides: tuple[str, ...],
+    resume: bool,
+    checkpoint_url: str | None,
+    stop_at: int | None,
+    json_out: str | None,
+    no_progress: bool,
+) -> None:
+    """Train a recipe on a backbone and dataset described by a config TOML (path or URL).
+
+    Single- or multi-task; a progress bar with loss and throughput; evaluation after each
+    epoch with merged weights; checkpoints every N steps; --resume. Data-parallel under
+    torchrun: ``torchrun --nproc_per_node=2 -m adapterkit train run.toml``.
+    """
+    from . import workflows
+    from .workflows.evaluation import as_json, table
+
+    if show_default:
+        click.echo(workflows.DEFAULT_CONFIG, nl=False)
+        return
+    if config is not None and use_default:
+        raise AdapterkitError("give a CONFIG or --default, not both")
+    cfg = workflows.load_config(config) if config is not None else workflows.from_toml(workflows.DEFAULT_CONFIG)
+    sets = _pairs(overrides, "--set")
+    if checkpoint_url:
+        sets["checkpoint.url"] = checkpoint_url
+    if sets:
+        cfg = workflows.with_overrides(cfg, sets)
+    result = workflows.train(cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=click.echo)
+    if result.results:
+        click.echo("\n" + table(result.results))
+        if json_out:
+            _write_json({"steps": result.steps, "results": as_json(result.results), "epochs": result.history}, json_out)
+
+
+@click.command("adapt")
+@click.argument("inventory")
+@click.option("--task", required=True, help="The new task (a task of the inventory's dataset).")
+@click.option("--mode", required=True, type=click.Choice(["poly", "mhr", "mhr-z", "mhr-mu", "poly-mu"]))
+@click.option("-k", "--k", "k", default=8, show_default=True, type=click.IntRange(min=1), help="Examples per class.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one few-shot set each).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-3, show_default=True, type=float)
+@click.option("--router-lr", type=float, help="Learning rate of routing parameters (default: --lr).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--init", default="uniform", show_default=True, help="New routing row: uniform, mean or random.")
+@click.option("--train-head/--freeze-head", default=None, help="Default: frozen for mhr-z, trained otherwise.")
+@click.option("--output", metavar="URL", help="Save each adapted model under this URL prefix.")
+@click.option("--json", "json_out", metavar="FILE", help="Write the results as JSON ('-': stdout).")
+@click.option("--no-progress", is_flag=True)
+def adapt_command(
+    inventory: str,
+    task: str,
+    mode: str,
+    k: int,
+    seeds: str,
+    steps: int,
+    lr: float,
+    router_lr: float | None,
+    batch_size: int,
+    init: str,
+    train_head: bool | None,
+    output: str | None,
+    json_out: str | None,
+    no_progress: bool,
+) -> None:
+    """Few-shot adaptation of a trained skill inventory (INVENTORY: a train output URL) to a new task."""
+    from .workflows.adapt import adapt, summary
+    from .workflows.evaluation import as_json, table
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise AdapterkitError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    runs = adapt(
+        inventory,
+        task,
+        mode,
+        k=k,
+        seeds=seed_list,
+        steps=steps,
+        lr=lr,
+        router_lr=router_lr,
+        batch_size=batch_size,
+        init=init,
+        train_head=train_head,
+        output=output,
+        progress=not no_progress,
+        echo=click.echo,
+    )
+    click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
+    stats = summary(runs)
+    click.echo(
+        f"{mode}, k={k}, {len(runs)} seeds: accuracy {stats['accuracy']:.4f} ± {stats['accuracy_std']:.4f}, "
+        f"macro-F1 {stats['macro_f1']:.4f} ± {stats['macro_f1_std']:.4f}"
+    )
+    if json_out:
+        _write_json(
+            {
+                "task": task,
+                "mode": mode,
+                "k": k,
+                "summary": stats,
+                "runs": [
+                    {"seed": r.seed, "trainable": r.trainable, "url": r.url, "rows": as_json({"x": r.rows})["x"]}
+                    for r in runs
+                ],
+            },
+            json_out,
+        )
+
+
+@click.command("merge")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--merger", help="Merger name (default: the recipe's).")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Merger argument (TOML value).")
+def merge_command(src: str, dst: str, merger: str | None, args: tuple[str, ...]) -> None:
+    """Merge a trained adapter (SRC URL) into a deployable one (DST URL)."""
+    from .workflows import merge_artifact
+
+    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"))
+    assert merged.merger is not None
+    click.echo(f"merged {src} with {merged.merger['name']!r} -> {dst}")
+
+
+@click.command("eval")
+@click.argument("url")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]))
+@click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of a table.")
+def eval_command(url: str, split: str, tasks: tuple[str, ...], batch_size: int, as_json_flag: bool) -> None:
+    """Accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
+    from .workflows import evaluate_artifact
+    from .workflows.evaluation import as_json, table
+
+    rows = evaluate_artifact(url, split=split, tasks=tasks, batch_size=batch_size)
+    if as_json_flag:
+        click.echo(json.dumps({"url": url, "split": split, "rows": as_json({"x": rows})["x"]}, indent=2))
+    else:
+        click.echo(table({url.rsplit("/", 1)[-1][:20]: rows}))
+
+
+@click.command("heatmap")
+@click.argument("url")
+@click.argument("png")
+@click.option("--site", metavar="PATTERN", help="Only sites matching this target pattern (default: mean of all).")
+def heatmap_command(url: str, png: str, site: str | None) -> None:
+    """Save the task x skill routing weights (one panel per head) of a routed adapter as PNG."""
+    from .workflows import load_artifact
+    from .workflows.heatmap import plot, routing_table
+
+    classifier, artifact = load_artifact(url)
+    tasks = [artifact.extra["task"]] if artifact.extra.get("task") else artifact.tasks
+    if not tasks:
+        raise AdapterkitError(f"{url!r} was trained on single-task data: no task routing to plot")
+    weights = routing_table(classifier, len(tasks), site)
+    plot(weights, tasks, png, title=f"routing ({artifact.config.recipe.router.name}), {site or 'mean over sites'}")
+    click.echo(f"wrote {png}: {weights.shape[0]} tasks x {weights.shape[2]} skills, {weights.shape[1]} heads")
+
+
+COMMANDS = [train_command, adapt_command, merge_command, eval_command, heatmap_command]

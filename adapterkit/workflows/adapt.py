@@ -1,0 +1,130 @@
+"""``adapt``: few-shot learning of a new task from a trained skill inventory.
+
+Modes come from the routed-adapter plugin (``adapterkit_poly.adapt``): ``poly``/``mhr``
+(a new routing row; skills and row train), ``mhr-z`` (skills frozen, only the row
+trains: the head is frozen too, so the per-task state is the row alone) and
+``mhr-mu``/``poly-mu`` (skills averaged into one plain LoRA, which trains). Each seed
+draws its own balanced few-shot set (``k`` examples per class) and trains from the
+same inventory; the table reports every seed and the mean.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import AdapterkitError
+from .artifacts import Artifact, load_artifact, read_artifact, save_artifact
+from .config import OptimConfig, TrainConfig
+from .data import Corpus, check_task, encode, few_shot
+from .distributed import Dist
+from .evaluation import Row, evaluate
+from .loop import Echo, Trainer
+from .models import is_routed
+
+
+@attrs.frozen
+class AdaptRun:
+    seed: int
+    trainable: int
+    rows: list[Row]
+    url: str | None
+
+
+def _poly_adapt() -> Any:
+    try:
+        from adapterkit_poly.adapt import MODES, adapt
+    except ImportError:
+        raise AdapterkitError("adapt needs the Poly/MHR plugin (adapterkit_poly)") from None
+    return adapt, MODES
+
+
+def adapt(
+    url: str,
+    task: str,
+    mode: str,
+    *,
+    k: int = 8,
+    seeds: Sequence[int] = (0,),
+    steps: int = 50,
+    lr: float = 5e-3,
+    router_lr: float | None = None,
+    batch_size: int = 32,
+    init: str = "uniform",
+    train_head: bool | None = None,
+    output: str | None = None,
+    progress: bool = True,
+    echo: Echo = print,
+) -> list[AdaptRun]:
+    poly_adapt, modes = _poly_adapt()
+    if mode not in modes:
+        raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(modes)}")
+    artifact, _ = read_artifact(url)
+    if artifact.stage != "trained" or not artifact.tasks:
+        raise AdapterkitError(
+            f"{url!r} is not a trained multi-task inventory (stage {artifact.stage!r}, {len(artifact.tasks)} tasks)"
+        )
+    # Reload the inventory's dataset with all its tasks: the new task is usually held out.
+    args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
+    data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)
+    corpus = Corpus.load(data_config, artifact.config.train.seed)
+    check_task(task, corpus.tasks, f"dataset {data_config.dataset!r}")
+    if task in artifact.tasks:
+        echo(f"note: task {task!r} is in the trained inventory; adapting it anyway")
+    test_examples = [e for e in corpus.test if e.task == task]
+    train_head = mode != "mhr-z" if train_head is None else train_head
+    runs = []
+    for seed in seeds:
+        classifier, _ = load_artifact(url)
+        poly_adapt(classifier.body, mode, init=init, seed=seed)
+        classifier.head.requires_grad_(train_head)
+        trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
+        shots = few_shot(corpus.train, task, k, seed, corpus.classes)
+        data = encode(classifier.backbone, shots, corpus.classes, [task])
+        test = encode(classifier.backbone, test_examples, corpus.classes, [task])
+        trainer = Trainer(
+            classifier,
+            OptimConfig(lr=lr, router_lr=router_lr, warmup=0.0, schedule="constant"),
+            TrainConfig(steps=steps, batch_size=min(batch_size, len(data)), seed=seed),
+            Dist(),
+            echo=echo,
+            progress=progress,
+        )
+        trainer.setup(len(data))
+        trainer.fit(data)
+        rows = evaluate(classifier, test, [task], artifact.config.eval.batch_size, is_routed(classifier))
+        target = None
+        if output:
+            target = f"{output.rstrip('/')}/{task}-{mode}-k{k}-seed{seed}.safetensors"
+            adapted = Artifact(
+                attrs.evolve(artifact.config, data=data_config),
+                artifact.classes,
+                [task],
+                "adapted",
+                extra={"task": task, "mode": mode, "k": k, "seed": seed},
+            )
+            save_artifact(classifier, adapted, target)
+        echo(
+            f"seed {seed}: {trainable:,} trainable parameters; {task} accuracy {rows[-1].accuracy:.4f} "
+            f"macro-F1 {rows[-1].macro_f1:.4f}" + (f"; saved {target}" if target else "")
+        )
+        runs.append(AdaptRun(seed, trainable, rows, target))
+    return runs
+
+
+def summary(runs: Sequence[AdaptRun]) -> dict[str, float]:
+    acc = [r.rows[-1].accuracy for r in runs]
+    f1 = [r.rows[-1].macro_f1 for r in runs]
+
+    def spread(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    return {
+        "accuracy": statistics.fmean(acc),
+        "accuracy_std": spread(acc),
+        "macro_f1": statistics.fmean(f1),
+        "macro_f1_std": spread(f1),
+    }

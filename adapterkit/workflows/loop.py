@@ -1,0 +1,224 @@
+"""The training loop shared by ``train`` and ``adapt``.
+
+A method is a recipe: the loop knows no method by name. It builds AdamW with the router
+parameter groups (:func:`adapterkit.optim.adamw`, exact for cell-sparse parameters),
+routes task ids when the model has routed sites, reports training progress to samplers
+that take it (``set_progress``), and adds MoSA's consistency regulariser when the config
+asks for it. Data order, sampler draws and noise derive from ``(seed, step)``, so a
+resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ..attach import merge, route, sites
+from ..errors import AdapterkitError
+from ..training import freeze_norm_statistics
+from ..zoo import Classifier
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import CheckpointConfig, OptimConfig, TrainConfig
+from .data import Encoded, batch_plan
+from .distributed import Dist, Streams, derive_seed
+from .evaluation import Row, evaluate
+from .models import is_routed, shared_copy
+
+Echo = Callable[[str], None]
+
+
+def lr_factor(step: int, total: int, warmup: float, schedule: str) -> float:
+    """Linear warm-up (``warmup`` steps, or that fraction of ``total`` when < 1), then decay."""
+    warm = int(warmup) if warmup >= 1 else int(round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    from ..optim import adamw
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise AdapterkitError("nothing to train: every parameter is frozen")
+    return adamw(model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr)
+
+
+def merged_copy(classifier: Classifier) -> tuple[Classifier, str | None]:
+    """A copy merged with the recipe's merger (the deployed model), or the copy unmerged
+    and the reason when the recipe's merger cannot merge this model."""
+    copy = shared_copy(classifier)
+    try:
+        merge(copy.body)
+    except AdapterkitError as exc:
+        return shared_copy(classifier), str(exc)
+    return copy, None
+
+
+@attrs.define
+class Trainer:
+    """Runs optimizer steps over an encoded training set on one or many processes."""
+
+    classifier: Classifier
+    optim: OptimConfig
+    train: TrainConfig
+    dist: Dist
+    echo: Echo = print
+    progress: bool = True
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    config_dict: dict[str, Any] = attrs.field(factory=dict)
+    on_epoch: Callable[[int, Classifier], None] | None = None
+    optimizer: torch.optim.Optimizer = attrs.field(init=False)
+    scheduler: Any = attrs.field(init=False)
+    total: int = attrs.field(init=False, default=0)
+    batch: int = attrs.field(init=False, default=0)
+    per_epoch: int = attrs.field(init=False, default=0)
+    routed: bool = attrs.field(init=False, default=False)
+
+    def setup(self, n_train: int) -> tuple[int, int]:
+        self.batch, self.per_epoch = batch_plan(n_train, self.train.batch_size, self.dist.world)
+        self.total = self.train.steps or self.train.epochs * self.per_epoch
+        self.optimizer = make_optimizer(self.classifier, self.optim)
+        factor = lambda step: lr_factor(step, self.total, self.optim.warmup, self.optim.schedule)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.routed = is_routed(self.classifier)
+        return self.batch, self.per_epoch
+
+    def resume(self, url: str) -> int:
+        return load_checkpoint(url, self.classifier, self.optimizer, self.scheduler, config=self.config_dict)
+
+    def save(self, step: int) -> None:
+        if self.checkpoint.url is None:
+            return
+        if self.dist.main:
+            save_checkpoint(
+                self.checkpoint.url,
+                self.classifier,
+                self.optimizer,
+                self.scheduler,
+                step=step,
+                world=self.dist.world,
+                config=self.config_dict,
+            )
+        self.dist.barrier()
+
+    def _order(self, epoch: int, n: int) -> Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.train.seed, "order", epoch))
+        return torch.randperm(n, generator=generator)
+
+    def _wrapped(self) -> nn.Module:
+        if self.dist.world == 1:
+            return self.classifier
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return DistributedDataParallel(self.classifier, device_ids=device_ids, find_unused_parameters=True)
+
+    def _loss(self, model: nn.Module, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
+        weight = self.train.consistency
+        if weight <= 0:
+            return F.cross_entropy(model(**inputs), labels)
+        try:
+            from adapterkit_mosa import consistency_loss
+        except ImportError:
+            raise AdapterkitError("train.consistency needs the MoSA plugin (adapterkit_mosa)") from None
+        # DDP allows one forward per backward through its wrapper; the second pass goes
+        # through the module itself and its gradient still reaches the same parameters.
+        passes = iter([model, self.classifier])
+        out = consistency_loss(lambda: next(passes)(**inputs), lambda o: F.cross_entropy(o, labels), weight)
+        return out.loss
+
+    def _set_progress(self, step: int) -> None:
+        fraction = step / max(1, self.total)
+        for sampler in {id(s.sampler): s.sampler for s in sites(self.classifier.body).values()}.values():
+            set_progress = getattr(sampler, "set_progress", None)
+            if callable(set_progress):
+                set_progress(fraction)
+
+    def fit(self, data: Encoded, *, start: int = 0, stop_at: int | None = None) -> int:
+        """Train from step ``start`` to the end (or ``stop_at``); returns the last step."""
+        device = self.dist.device
+        model = self._wrapped()
+        samplers = [s.sampler for s in sites(self.classifier.body).values()]
+        bar = tqdm(
+            total=self.total,
+            initial=start,
+            desc="train",
+            unit="step",
+            mininterval=0.5,
+            disable=not (self.progress and self.dist.main),
+            dynamic_ncols=True,
+        )
+        step = start
+        with Streams(samplers, self.train.seed, self.dist.rank, device) as streams:
+            while step < self.total and (stop_at is None or step < stop_at):
+                epoch, position = divmod(step, self.per_epoch)
+                index = self._order(epoch, len(data))[position * self.batch : (position + 1) * self.batch]
+                part = data.take(index.view(self.dist.world, -1)[self.dist.rank])
+                inputs = {k: v.to(device) for k, v in part.inputs.items()}
+                labels = part.labels.to(device)
+                streams.begin_step(step)
+                self._set_progress(step)
+                self.classifier.train()
+                freeze_norm_statistics(self.classifier)
+                started = time.perf_counter()
+                with route(self.classifier.body, part.tasks.to(device)) if self.routed else contextlib.nullcontext():
+                    loss = self._loss(model, inputs, labels)
+                    loss.backward()
+                if self.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.classifier.parameters() if p.requires_grad], self.optim.grad_clip
+                    )
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % self.train.log_every == 0 or step == self.total:
+                    rate = self.batch / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", ex_s=f"{rate:.1f}", refresh=False)
+                bar.update(1)
+                if self.checkpoint.every and step % self.checkpoint.every == 0:
+                    self.save(step)
+                if step % self.per_epoch == 0 and self.on_epoch is not None:
+                    bar.clear()
+                    self.on_epoch(step // self.per_epoch, self.classifier)
+        bar.close()
+        if stop_at is not None and step < self.total:
+            self.save(step)
+        return step
+
+
+def epoch_evaluator(
+    test: Encoded, tasks: list[str], batch_size: int, dist: Dist, echo: Echo, history: list[dict[str, Any]]
+) -> Callable[[int, Classifier], None]:
+    """End-of-epoch evaluation on the main rank, with merged weights where the method merges."""
+
+    def on_epoch(epoch: int, classifier: Classifier) -> None:
+        if dist.main:
+            evaluated, reason = merged_copy(classifier)
+            rows = evaluate(evaluated, test, tasks, batch_size, is_routed(evaluated))
+            total = rows[-1]
+            what = "merged" if reason is None else "unmerged"
+            echo(f"epoch {epoch}: test accuracy {total.accuracy:.4f} macro-F1 {total.macro_f1:.4f} ({what})")
+            history.append({"epoch": epoch, "merged": reason is None, "rows": [r.to_dict() for r in rows]})
+        dist.barrier()
+
+    return on_epoch
+
+
+def iter_rows(rows: list[Row]) -> Iterator[dict[str, Any]]:
+    for row in rows:
+        yield row.to_dict()

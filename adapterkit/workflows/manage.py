@@ -1,0 +1,57 @@
+"""``merge`` and ``eval`` on saved artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ..attach import merge
+from ..errors import AdapterkitError
+from .artifacts import Artifact, load_artifact, save_artifact
+from .data import Corpus, check_task, encode
+from .evaluation import Row, evaluate
+from .models import is_routed
+
+
+def merge_artifact(src: str, dst: str, merger: str | None = None, args: Mapping[str, Any] | None = None) -> Artifact:
+    """Load ``src``, merge every site (default: the recipe's merger), save to ``dst``."""
+    classifier, artifact = load_artifact(src)
+    if artifact.stage == "merged":
+        raise AdapterkitError(f"{src!r} is already merged")
+    name = merger or artifact.config.recipe.merger.name
+    merge_args = dict(args or {}) if merger else {**artifact.config.recipe.merger.args, **(args or {})}
+    merge(classifier.body, name, **merge_args)
+    merged = attrs.evolve(artifact, stage="merged", merger={"name": name, "args": merge_args})
+    save_artifact(classifier, merged, dst)
+    return merged
+
+
+def evaluation_data(artifact: Artifact, split: str, tasks: Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """The artifact's own data (its dataset and selection), restricted to ``tasks``."""
+    config = artifact.config
+    corpus = Corpus.load(config.data, config.train.seed)
+    adapted = artifact.extra.get("task")
+    inventory = [adapted] if adapted else list(artifact.tasks)
+    for task in tasks:
+        check_task(task, inventory, "the adapter's tasks")
+    if adapted:  # an adapted model routes its one task as task 0
+        examples = [e for e in corpus.split(split) if e.task == adapted]  # type: ignore[arg-type]
+    else:
+        if corpus.tasks != artifact.tasks:
+            raise AdapterkitError(f"the data's tasks {corpus.tasks} differ from the adapter's {artifact.tasks}")
+        examples = corpus.split(split)  # type: ignore[arg-type]
+    if tasks:
+        examples = [e for e in examples if e.task in set(tasks)]
+    return examples, inventory
+
+
+def evaluate_artifact(url: str, *, split: str = "test", tasks: Sequence[str] = (), batch_size: int = 128) -> list[Row]:
+    classifier, artifact = load_artifact(url)
+    examples, inventory = evaluation_data(artifact, split, tasks)
+    data = encode(classifier.backbone, examples, artifact.classes, inventory)
+    rows = evaluate(classifier, data, inventory, batch_size, is_routed(classifier))
+    if tasks and len(inventory) > 1:
+        rows = [r for r in rows if r.task in set(tasks) or r.task == "all"]
+    return rows

@@ -1,0 +1,156 @@
+"""Models for the workflows: resolve a backbone, add a head, attach a recipe.
+
+A backbone is a registered name (``minilm``) or an import path ``package.module:factory``
+to your own: the factory gets the ``[model]`` arguments and returns a
+:class:`~adapterkit.zoo.Backbone`, or an ``nn.Module`` mapping images ``[b, C, H, W]``
+(values in [0, 1], native size) to feature vectors ``[b, d]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Mapping, Sequence
+
+import attrs
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..attach import attach, sites
+from ..errors import AdapterkitError
+from ..plugins import PluginHost, get_host
+from ..recipe import Recipe, RoleSpec, build_config
+from ..zoo import Backbone, Classifier, Example
+from .config import ConfigError, ModelConfig
+
+
+class ModuleBackbone(Backbone):
+    """Wraps a user ``nn.Module`` taking raw image tensors ``[b, C, H, W]`` in [0, 1]."""
+
+    modality = "image"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(None)
+        self.module = module
+
+    def build(self) -> nn.Module:
+        return self.module
+
+    def encode(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        arrays = []
+        for example in examples:
+            if example.image is None:
+                raise AdapterkitError("an example has no image; this model takes images")
+            image = np.asarray(example.image, dtype=np.float32)
+            arrays.append(image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0))
+        return {"pixel_values": torch.from_numpy(np.stack(arrays))}
+
+    def features(self, body: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        return body(inputs["pixel_values"]).flatten(1)  # type: ignore[no-any-return]
+
+    def feature_dim(self, body: nn.Module) -> int:
+        raise NotImplementedError  # measured on the first real example, see build_classifier
+
+
+def resolve_backbone(config: ModelConfig, host: PluginHost | None = None) -> Backbone:
+    """A registered backbone by name, or a user factory by ``module:attribute``."""
+    if ":" not in config.backbone:
+        host = host or get_host()
+        cls = host.backbones[config.backbone]
+        return cls(build_config(cls, config.args, f"backbone {config.backbone!r}"))
+    module_name, _, attr = config.backbone.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import model factory {config.backbone!r}: {exc}") from None
+    try:
+        made = factory(**config.args)
+    except TypeError as exc:
+        raise ConfigError(f"model factory {config.backbone!r} rejected the [model] arguments: {exc}") from None
+    if isinstance(made, Backbone):
+        return made
+    if isinstance(made, nn.Module):
+        return ModuleBackbone(made)
+    raise ConfigError(
+        f"model factory {config.backbone!r} must return a Backbone or an nn.Module, got {type(made).__name__}"
+    )
+
+
+def recipe_for_tasks(recipe: Recipe, n_tasks: int, host: PluginHost | None = None) -> Recipe:
+    """Fill the router's ``tasks`` argument from the data (when the router has one)."""
+    host = host or get_host()
+    router_cls = host.routers[recipe.router.name]
+    fields = {f.name for f in attrs.fields(router_cls.Config)}
+    if "tasks" not in fields:
+        return recipe
+    given = recipe.router.args.get("tasks")
+    if given is None:
+        if n_tasks < 1:
+            raise ConfigError(f"router {recipe.router.name!r} routes tasks, but the data has no tasks")
+        return attrs.evolve(recipe, router=RoleSpec(recipe.router.name, {**recipe.router.args, "tasks": n_tasks}))
+    if n_tasks and given != n_tasks:
+        raise ConfigError(f"recipe router has tasks = {given}, but the data has {n_tasks} tasks")
+    return recipe
+
+
+def build_classifier(
+    backbone: Backbone,
+    recipe: Recipe,
+    num_classes: int,
+    *,
+    seed: int,
+    probe: Example | None = None,
+    host: PluginHost | None = None,
+) -> Classifier:
+    """Build the body, attach the recipe, add a new head; seeded, so every rank agrees."""
+    torch.manual_seed(seed)
+    body = backbone.build()
+    for p in body.parameters():
+        p.requires_grad_(False)
+    if isinstance(backbone, ModuleBackbone):
+        if probe is None:
+            raise AdapterkitError("a user model needs one example to measure its feature size")
+        with torch.no_grad():
+            dim = int(backbone.features(body.eval(), backbone.encode([probe])).shape[-1])
+        backbone.feature_dim = lambda body: dim  # type: ignore[method-assign]
+    attach(body, recipe, host=host)
+    torch.manual_seed(seed)
+    return Classifier(backbone, body, num_classes)
+
+
+def is_routed(classifier: Classifier) -> bool:
+    return any(site.router.needs_task_ids for site in sites(classifier.body).values())
+
+
+def trainable_state(classifier: Classifier) -> dict[str, Tensor]:
+    """What a run trains and saves: the adapter tensors of the body plus the head."""
+    from ..attach import adapter_state_dict
+
+    out = {f"body.{k}": v for k, v in adapter_state_dict(classifier.body).items()}
+    out.update({f"head.{k}": v for k, v in classifier.head.state_dict().items()})
+    return out
+
+
+def load_trainable_state(classifier: Classifier, tensors: Mapping[str, Tensor]) -> None:
+    """Copy saved tensors into the classifier; names and shapes must match exactly."""
+    own = dict(classifier.named_parameters()) | dict(classifier.named_buffers())
+    expected = trainable_state(classifier)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise AdapterkitError(f"saved tensors do not fit this model's adapters: {detail}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = own[name]
+            if target.shape != value.shape:
+                raise AdapterkitError(
+                    f"saved tensor {name!r} has shape {tuple(value.shape)}, the model {tuple(target.shape)}"
+                )
+            target.copy_(value)
+
+
+def shared_copy(classifier: Classifier) -> Classifier:
+    """A deep copy that shares the backbone object (tokenizers are not copied)."""
+    return copy.deepcopy(classifier, {id(classifier.backbone): classifier.backbone})

@@ -1,0 +1,156 @@
+"""``train``: one config in, a trained (and merged) adapter and an evaluation table out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ..attach import state_of
+from ..plugins import PluginHost
+from ..zoo import Classifier
+from .artifacts import Artifact, save_artifact
+from .config import WorkflowConfig
+from .data import Corpus, encode
+from .distributed import Dist, setup, teardown
+from .evaluation import Row, evaluate
+from .loop import Echo, Trainer, epoch_evaluator, merged_copy
+from .models import build_classifier, is_routed, recipe_for_tasks, resolve_backbone
+
+
+@attrs.frozen
+class TrainResult:
+    classifier: Classifier
+    config: WorkflowConfig
+    classes: list[str]
+    tasks: list[str]
+    steps: int
+    results: dict[str, list[Row]]
+    history: list[dict[str, Any]]
+    stopped: bool = False
+
+
+def prepare(config: WorkflowConfig, host: PluginHost | None = None) -> tuple[WorkflowConfig, Corpus, Classifier]:
+    """Load the data and build the classifier (recipe's router tasks filled from the data)."""
+    corpus = Corpus.load(config.data, config.train.seed, host)
+    backbone = resolve_backbone(config.model, host)
+    if backbone.modality != corpus.dataset.modality:
+        from ..errors import AdapterkitError
+
+        raise AdapterkitError(
+            f"backbone {config.model.backbone!r} takes {backbone.modality} but dataset "
+            f"{config.data.dataset!r} holds {corpus.dataset.modality}"
+        )
+    recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
+    config = attrs.evolve(config, recipe=recipe)
+    classifier = build_classifier(
+        backbone, recipe, len(corpus.classes), seed=config.train.seed, probe=corpus.train[0], host=host
+    )
+    return config, corpus, classifier
+
+
+def train(
+    config: WorkflowConfig,
+    *,
+    resume: str | bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    echo: Echo = print,
+    host: PluginHost | None = None,
+) -> TrainResult:
+    """Train ``config``; on torchrun (or inside an initialised process group) data-parallel.
+
+    ``resume``: ``True`` continues from ``[checkpoint] url``, a string from that URL.
+    ``stop_at``: stop after that global step, writing a checkpoint (a preemptible slice).
+    """
+    dist = setup(config.train.device)
+    try:
+        return _train(config, dist, resume, stop_at, progress, echo, host)
+    finally:
+        teardown(dist)
+
+
+def _train(
+    config: WorkflowConfig,
+    dist: Dist,
+    resume: str | bool,
+    stop_at: int | None,
+    progress: bool,
+    echo: Echo,
+    host: PluginHost | None,
+) -> TrainResult:
+    config, corpus, classifier = prepare(config, host)
+    classifier.to(dist.device)
+    backbone = classifier.backbone
+    train_data = encode(backbone, corpus.train, corpus.classes, corpus.tasks)
+    test_data = encode(backbone, corpus.test, corpus.classes, corpus.tasks)
+    history: list[dict[str, Any]] = []
+    say = echo if dist.main else (lambda _: None)
+    summary = state_of(classifier.body).summary
+    say(
+        f"{config.model.backbone} + {config.recipe.kind} ({_method(config)}): "
+        f"{summary.trainable if summary else 0:,} adapter parameters + head; "
+        f"data {config.data.dataset}: {len(train_data)} train / {len(test_data)} test, "
+        f"{len(corpus.classes)} classes"
+        + (f", {len(corpus.tasks)} tasks" if corpus.tasks else "")
+        + (f"; {dist.world} processes" if dist.world > 1 else "")
+    )
+    trainer = Trainer(
+        classifier,
+        config.optim,
+        config.train,
+        dist,
+        echo=say,
+        progress=progress,
+        checkpoint=config.checkpoint,
+        config_dict=config.to_dict(),
+        on_epoch=epoch_evaluator(test_data, corpus.tasks, config.eval.batch_size, dist, say, history)
+        if config.eval.every_epoch
+        else None,
+    )
+    trainer.setup(len(train_data))
+    start = 0
+    if resume:
+        url = resume if isinstance(resume, str) else config.checkpoint.url
+        if url is None:
+            from ..errors import AdapterkitError
+
+            raise AdapterkitError("--resume needs [checkpoint] url in the config (or --resume URL)")
+        start = trainer.resume(url)
+        say(f"resumed from {url} at step {start} of {trainer.total}")
+    step = trainer.fit(train_data, start=start, stop_at=stop_at)
+    results: dict[str, list[Row]] = {}
+    stopped = step < trainer.total
+    if stopped:
+        say(f"stopped at step {step} of {trainer.total}; checkpoint at {config.checkpoint.url}")
+    elif dist.main:
+        artifact = Artifact(config, corpus.classes, corpus.tasks)
+        if config.output.adapter:
+            save_artifact(classifier, artifact, config.output.adapter)
+            say(f"saved adapter to {config.output.adapter}")
+        results["trained"] = evaluate(
+            classifier, test_data, corpus.tasks, config.eval.batch_size, is_routed(classifier)
+        )
+        merged, reason = merged_copy(classifier)
+        if reason is None:
+            results[f"merged ({config.recipe.merger.name})"] = evaluate(
+                merged, test_data, corpus.tasks, config.eval.batch_size, is_routed(merged)
+            )
+            if config.output.merged:
+                merger = {"name": config.recipe.merger.name, "args": dict(config.recipe.merger.args)}
+                save_artifact(merged, attrs.evolve(artifact, stage="merged", merger=merger), config.output.merged)
+                say(f"saved merged adapter to {config.output.merged}")
+        else:
+            say(f"not merged: {reason}")
+    dist.barrier()
+    return TrainResult(classifier, config, corpus.classes, corpus.tasks, step, results, history, stopped)
+
+
+def _method(config: WorkflowConfig) -> str:
+    r = config.recipe
+    parts = [
+        f"{role} {r.role(role).name}"
+        for role in ("splitter", "sampler", "router", "merger")
+        if r.role(role).name not in ("dense", "all", "none", "identity")
+    ]
+    return ", ".join(parts) or "dense"
