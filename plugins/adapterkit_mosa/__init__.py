@@ -1,0 +1,87 @@
+"""adapterkit plugin: MoSA (Mixture of Sparse Adapters) and hierarchical sparsity.
+
+Registers splitters ``mosa`` and ``hierarchical``, samplers ``mosa`` and
+``hierarchical`` and the merger ``mosa``. A MoSA recipe::
+
+    [adapter]
+    kind = "bottleneck"          # or "lora" (A is the down side, B the up side)
+    targets = ["encoder.layer.*.output"]
+    input_arg = 1
+    r = 16
+    [splitter]
+    name = "mosa"
+    n_cells = 4                  # N sparse modules
+    share = "down"               # the side kept whole: "down" (default), "up" or "none"
+    [sampler]
+    name = "mosa"                # one cell per split projection, per layer, per forward
+    [merger]
+    name = "mosa"                # W0 + D/N: a plain dense adapter
+
+Train with :func:`adapterkit.optim.adamw` (inactive cells stay bit-identical) and,
+optionally, :func:`consistency_loss`; then ``adapterkit.merge(model)``.
+
+Hierarchical sparsity (this project's reading of the paper's strategy; the released
+code lacks it): ``[splitter] name = "hierarchical"``, ``levels = [2, 4, 8]`` nests
+the partitions, each level refining the previous one; ``[sampler] name =
+"hierarchical"`` picks a level (``mix = [...]`` fixed, or ``schedule =
+"coarse-to-fine"`` driven by :func:`set_progress`) and then one of its cells. The merge
+is ``W0 + p * D`` with ``p = sum_l mix_l / n_l``. See ``docs/methods/mosa.md``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from adapterkit import Registry, hookimpl
+from adapterkit.roles import Merger, Sampler, Splitter
+
+from .consistency import ConsistencyLoss, consistency_loss, symmetric_kl
+from .merger import MoSAMerger, expected_weights
+from .presets import NAMES as PRESETS
+from .presets import Preset, load_preset
+from .samplers import HierarchicalSampler, MoSASampler
+from .splitters import Hierarchical, MoSA, SparseDelta
+
+__all__ = [
+    "PRESETS",
+    "ConsistencyLoss",
+    "Hierarchical",
+    "HierarchicalSampler",
+    "MoSA",
+    "MoSAMerger",
+    "MoSASampler",
+    "Preset",
+    "SparseDelta",
+    "consistency_loss",
+    "expected_weights",
+    "load_preset",
+    "set_progress",
+    "symmetric_kl",
+]
+
+
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Report training progress in ``[0, 1]`` to every scheduled sampler of ``model``."""
+    from adapterkit.attach import sites
+
+    for site in sites(model).values():
+        setter = getattr(site.sampler, "set_progress", None)
+        if setter is not None:
+            setter(fraction)
+
+
+@hookimpl
+def adapterkit_register_splitters(registry: Registry[Splitter]) -> None:
+    registry.add("mosa", MoSA)
+    registry.add("hierarchical", Hierarchical)
+
+
+@hookimpl
+def adapterkit_register_samplers(registry: Registry[Sampler]) -> None:
+    registry.add("mosa", MoSASampler)
+    registry.add("hierarchical", HierarchicalSampler)
+
+
+@hookimpl
+def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
+    registry.add("mosa", MoSAMerger)
