@@ -60,3 +60,16 @@ def test_fullgraph_compiled_step_matches_eager(name: str, builtin_host: PluginHo
         torch.testing.assert_close(params["compiled"][n], value, rtol=1e-5, atol=1e-6)
     trainable = [n for n, p in eager.named_parameters() if p.requires_grad]
     assert all(not torch.equal(params["compiled"][n], attached(name, builtin_host).state_dict()[n]) for n in trainable)
+
+
+def test_split_and_sampled_lora_has_no_graph_breaks(with_stripes, discover) -> None:
+    """Cells gated by a third-party sampler (a random draw per forward, on the device)."""
+    torch._dynamo.reset()
+    host = discover()
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 10))
+    recipe = {"adapter": {"kind": "lora", "targets": ["0", "2"], "r": 4},
+              "splitter": {"name": "stripes", "n_cells": 4, "by": "elements"}, "sampler": {"name": "one_stripe"}}
+    adapterkit.attach(model, recipe, host=host)
+    for training in (True, False):
+        explanation = torch._dynamo.explain(model.train(training))(torch.randn(4, 16))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
