@@ -216,7 +216,8 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
         raise RoutingError(f"task ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     ids = ids.long()
     if state.n_tasks is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.n_tasks):
-        raise RoutingError(f"task ids must lie in [0, {state.n_tasks}), got {sorted(set(ids.tolist()))[:8]}")
+        bad = sorted({i for i in ids.tolist() if not 0 <= i < state.n_tasks})
+        raise RoutingError(f"task ids must lie in [0, {state.n_tasks}); out of range: {bad[:8]}")
     previous = state.routing.task_ids
     state.routing.task_ids = ids
     try:

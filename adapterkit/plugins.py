@@ -127,7 +127,7 @@ class PluginHost:
         # never the built-ins (a name sorting before "builtins" would otherwise take them down)
         for ep in sorted(eps, key=lambda e: (e.dist is None or e.dist.name != BUILTIN_DISTRIBUTION, e.name)):
             dist = ep.dist.name if ep.dist is not None else None
-            if ep.name in blocked or ep.name in self.plugins:
+            if ep.name in blocked or ep.name in self.plugins or any(f.name == ep.name for f in self.failures):
                 continue
             if not autoload and dist != BUILTIN_DISTRIBUTION and ep.name not in wanted:
                 continue

@@ -50,7 +50,7 @@ def _targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:  # type: ignore[type-arg]
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise RecipeError(f"recipe key {attribute.name!r} must be a positive integer, got {value!r}")
 
 
