@@ -1,0 +1,86 @@
+"""adapterkit's Poly/MHR plugin: routed skill inventories, their mergers and PEFT interop.
+
+Provides routers ``poly`` (alias ``mhr``: heads come from the splitter), ``private`` and
+``uniform``; splitter ``mhr``; mergers ``average``, ``weighted`` and ``collapse``; few-shot
+adaptation (:func:`adapt`), :func:`unfold`, model soups (:func:`soup`) and PEFT import/export
+(:func:`import_peft`, :func:`export_peft`, CLI ``adapterkit import``/``export``).
+
+Recipes (MiniLM, query/value)::
+
+    # Poly: K skills mixed per task          # MHR: the same plus heads
+    [adapter]                                [splitter]
+    kind = "lora"                            name = "mhr"
+    targets = ["query", "value"]             heads = 8
+    skills = 4
+    r = 8
+    alpha = 1        # scale exactly 1/r, as the reference
+    [router]
+    name = "poly"
+    tasks = 8
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adapterkit import Registry, hookimpl
+from adapterkit.roles import Merger, Router, Splitter
+
+from .adapt import MODES, adapt, load_routing_state_dict, routing_state_dict
+from .mergers import Average, Collapse, Weighted, soup, unfold
+from .peft_interop import export_peft, from_peft, import_peft, read_peft, to_peft, write_peft
+from .routers import PolyRouter, PrivateRouter, UniformRouter
+from .splitter import MHRSplitter
+
+if TYPE_CHECKING:
+    import click
+
+__all__ = [
+    "MODES",
+    "Average",
+    "Collapse",
+    "MHRSplitter",
+    "PolyRouter",
+    "PrivateRouter",
+    "UniformRouter",
+    "Weighted",
+    "adapt",
+    "export_peft",
+    "from_peft",
+    "import_peft",
+    "load_routing_state_dict",
+    "read_peft",
+    "routing_state_dict",
+    "soup",
+    "to_peft",
+    "unfold",
+    "write_peft",
+]
+
+
+@hookimpl
+def adapterkit_register_routers(registry: Registry[Router]) -> None:
+    registry.add("poly", PolyRouter)
+    registry.add("mhr", PolyRouter)  # the same router: per-head logits when the splitter makes heads
+    registry.add("private", PrivateRouter)
+    registry.add("uniform", UniformRouter)
+
+
+@hookimpl
+def adapterkit_register_splitters(registry: Registry[Splitter]) -> None:
+    registry.add("mhr", MHRSplitter)
+
+
+@hookimpl
+def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
+    registry.add("average", Average)
+    registry.add("weighted", Weighted)
+    registry.add("collapse", Collapse)
+
+
+@hookimpl
+def adapterkit_register_commands(cli: click.Group) -> None:
+    from .cli import export_command, import_command
+
+    cli.add_command(import_command)
+    cli.add_command(export_command)

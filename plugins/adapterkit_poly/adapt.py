@@ -1,0 +1,138 @@
+"""Few-shot adaptation of a trained skill inventory to a new task.
+
+Modes (the papers' names; ``poly``/``mhr`` and ``poly-mu``/``mhr-mu`` are the same
+operation, the head count comes from the inventory):
+
+- ``poly`` / ``mhr``: a fresh routing row for the new task; the skills and that row train.
+- ``mhr-z``: the skills are frozen; only the routing row trains, so the per-task state is
+  the row alone (:func:`routing_state_dict`: ``layers * H * K`` numbers).
+- ``mhr-mu`` / ``poly-mu``: routing is dropped and the skills averaged: each site becomes
+  one plain LoRA (exactly the uniform-routing model), which then trains.
+
+After ``poly``/``mhr``/``mhr-z`` the model routes one task: call it with
+``adapterkit.route(model, 0)``. The recipe kept on the model is updated to match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from adapterkit.attach import sites, state_of
+from adapterkit.errors import AdapterkitError
+from adapterkit.recipe import RoleSpec
+from adapterkit.site import AdapterSite
+
+from .mergers import Average
+from .routers import PolyRouter
+
+Mode = Literal["poly", "mhr", "mhr-z", "mhr-mu", "poly-mu"]
+MODES: tuple[str, ...] = ("poly", "mhr", "mhr-z", "mhr-mu", "poly-mu")
+ROW_INITS: tuple[str, ...] = ("uniform", "mean", "random")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def routed_sites(model: nn.Module) -> dict[str, AdapterSite]:
+    """Sites routed by a ``poly`` router (the learned task x skill logits)."""
+    return {n: s for n, s in sites(model).items() if isinstance(s.router, PolyRouter)}
+
+
+def _router(site: AdapterSite) -> PolyRouter:
+    router = site.router
+    assert isinstance(router, PolyRouter)
+    return router
+
+
+@torch.no_grad()
+def new_row(router: PolyRouter, init: str | int, generator: torch.Generator) -> Tensor:
+    """The initial routing row ``[1, H*K]`` of a new task.
+
+    ``uniform``: zeros (equal weights in eval); ``mean``: the mean of the trained rows;
+    ``random``: ``U(-init_range, init_range)`` as a fresh router; an int ``t``: task t's row.
+    """
+    logits = router.logits
+    if isinstance(init, int) and not isinstance(init, bool):
+        if not 0 <= init < logits.shape[0]:
+            raise AdapterkitError(f"init task {init} is out of range: the inventory has tasks [0, {logits.shape[0]})")
+        return logits[init : init + 1].clone()
+    if init == "uniform":
+        return torch.zeros_like(logits[:1])
+    if init == "mean":
+        return logits.mean(0, keepdim=True)
+    if init == "random":
+        bound = router.config.init_range
+        row = torch.empty(1, logits.shape[1]).uniform_(-bound, bound, generator=generator)
+        return row.to(logits)
+    raise AdapterkitError(f"unknown routing-row init {init!r}; choose {', '.join(ROW_INITS)} or a trained task id")
+
+
+def adapt(model: nn.Module, mode: str, *, init: str | int = "uniform", seed: int = 0) -> nn.Module:
+    """Prepare a trained inventory (``poly``-routed model) for few-shot training on a new task.
+
+    In place; sets which parameters train (``requires_grad``) per ``mode`` and returns
+    the model. Build the optimizer afterwards, e.g. with ``adapterkit.training.param_groups``.
+    """
+    if mode not in MODES:
+        raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(MODES)}")
+    state = state_of(model)
+    routed = routed_sites(model)
+    if not routed:
+        raise AdapterkitError("adapt needs a model whose sites use router 'poly' (a trained skill inventory)")
+    if mode.endswith("-mu"):
+        average = Average()
+        for name, site in routed.items():
+            merged = average.merge_site(site)
+            assert isinstance(merged, AdapterSite)
+            for param in merged.adapter_parameters():
+                param.requires_grad_(True)
+            _set_submodule(model, name, merged)
+        recipe = state.recipe
+        state.recipe = attrs.evolve(recipe, skills=1, splitter=RoleSpec("dense"), router=RoleSpec("none"))
+        state.n_tasks = None
+        return model
+    generator = torch.Generator().manual_seed(seed)
+    for site in routed.values():
+        router = _router(site)
+        router.logits = nn.Parameter(new_row(router, init, generator))
+        router.config = attrs.evolve(router.config, tasks=1)
+        frozen = mode == "mhr-z"
+        for name, param in site.named_parameters():
+            if not name.startswith(("base.", "router.")):
+                param.requires_grad_(not frozen)
+    recipe = state.recipe
+    state.recipe = attrs.evolve(recipe, router=RoleSpec(recipe.router.name, {**recipe.router.args, "tasks": 1}))
+    state.n_tasks = 1
+    return model
+
+
+def routing_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the routing logits of every ``poly`` site: the whole per-task state of MHR-z."""
+    routed = routed_sites(model).items()
+    return {f"{name}.router.logits": _router(site).logits.detach().clone() for name, site in routed}
+
+
+@torch.no_grad()
+def load_routing_state_dict(model: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module:
+    """Load :func:`routing_state_dict` output onto a model adapted the same way."""
+    routed = routed_sites(model)
+    wanted = {f"{name}.router.logits": site for name, site in routed.items()}
+    missing, unexpected = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise AdapterkitError(
+            f"routing state does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for key, site in wanted.items():
+        value = tensors[key]
+        logits = _router(site).logits
+        if value.shape != logits.shape:
+            raise AdapterkitError(f"routing state {key!r}: shape {tuple(value.shape)}, model has {tuple(logits.shape)}")
+        logits.copy_(value)
+    return model
