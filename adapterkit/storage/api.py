@@ -25,7 +25,7 @@ from .format import (
     verify_header,
 )
 from .io import parse_whole, read_all, read_header, write_atomic
-from .tensors import check, decode, encode
+from .tensors import check, decode, encode, tensor_view
 from .urls import Location, resolve, storage_errors
 
 SUFFIX = ".safetensors"
@@ -202,9 +202,36 @@ def load(
     everything = list(header.tensors.values())
     tensors = decode(header, everything, [(data, header.header_size)] * len(everything), url, verify=True)
     with _attached(model, info, url):  # a refused load leaves the model as it was
-        wanted = _match(info, header, adapter_state_dict(model), list(sites(model)), url, strict)
-        model.load_state_dict({i.name: tensors[i.name] for i in wanted}, strict=False)
+        targets = adapter_state_dict(model)
+        wanted = _match(info, header, targets, list(sites(model)), url, strict)
+        _copy_into(model, targets, {i.name: tensors[i.name] for i in wanted})
     return model
+
+
+def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping[str, Tensor]) -> None:
+    """Copy verified tensors into the model.
+
+    ``load_state_dict`` is the contract, but its ``copy_`` runs torch's intra-op thread
+    pool, which on busy cores costs up to 60x a plain memcpy (measured here: 20 ms
+    against 0.3 ms for 8 MiB on 2 shared cores). When no module customises loading and
+    every target is a contiguous CPU tensor of the same dtype, a direct memcpy into the
+    parameter's storage (``targets`` alias it) is the same operation.
+    """
+    plain = all(
+        type(m)._load_from_state_dict is nn.Module._load_from_state_dict
+        and not m._load_state_dict_pre_hooks and not m._load_state_dict_post_hooks
+        for m in model.modules()
+    )
+    fast = plain and all(
+        targets[n].device.type == "cpu" and targets[n].dtype == t.dtype and targets[n].is_contiguous()
+        for n, t in tensors.items()
+    )
+    if not fast:
+        model.load_state_dict(dict(tensors), strict=False)
+        return
+    for name, source in tensors.items():
+        if source.numel():
+            tensor_view(targets[name])[:] = tensor_view(source)
 
 
 @contextlib.contextmanager

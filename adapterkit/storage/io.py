@@ -78,7 +78,10 @@ def read_all(loc: Location, *, writable: bool) -> Buffer:
                 raise IsADirectoryError(loc.path)
             with fs.open(loc.path, "rb") as file, file.getbuffer() as stored:
                 return bytearray(stored)
-        data = fs.cat_file(loc.path)
+        # One GET is one consistent version; s3fs would split a large object into
+        # concurrent ranged GETs that a concurrent replace could mix (slower on loopback too).
+        extra = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+        data = fs.cat_file(loc.path, **extra)
     return bytearray(data) if writable else data
 
 

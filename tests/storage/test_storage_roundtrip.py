@@ -237,3 +237,21 @@ def test_library_listing_reports_broken_files_and_skips_hidden(tmp_path: Any) ->
     single = adapterkit.ls(f"{lib}/good.safetensors")
     assert [e.name for e in single] == ["good.safetensors"]
     assert json.loads(json.dumps([e.to_dict() for e in entries.values()]))  # JSON-ready
+
+
+def test_load_casts_dtype_and_honours_load_hooks(memory_url: str) -> None:
+    """Loads that need more than a memcpy go through ``load_state_dict``: a float32 file
+    onto a bfloat16 model is cast; a module's load hook still runs."""
+    model = trained(LORA)
+    url = f"{memory_url}/f32.safetensors"
+    adapterkit.save(model, url)
+    half = base_model().bfloat16()
+    adapterkit.load(url, half)
+    for key, tensor in adapterkit.adapter_state_dict(model).items():
+        assert torch.equal(adapterkit.adapter_state_dict(half)[key], tensor.bfloat16()), key
+    hooked = base_model()
+    seen: list[str] = []
+    hooked.register_load_state_dict_pre_hook(lambda module, state, prefix, *args: seen.extend(sorted(state)))
+    adapterkit.load(url, hooked)
+    assert seen == sorted(adapterkit.adapter_state_dict(model))
+    assert_same_adapter(model, hooked)
