@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 
 from ..attach import state_of
+from ..errors import AdapterkitError
 from ..plugins import PluginHost
 from ..zoo import Classifier
 from .artifacts import Artifact, save_artifact
@@ -35,8 +36,6 @@ def prepare(config: WorkflowConfig, host: PluginHost | None = None) -> tuple[Wor
     corpus = Corpus.load(config.data, config.train.seed, host)
     backbone = resolve_backbone(config.model, host)
     if backbone.modality != corpus.dataset.modality:
-        from ..errors import AdapterkitError
-
         raise AdapterkitError(
             f"backbone {config.model.backbone!r} takes {backbone.modality} but dataset "
             f"{config.data.dataset!r} holds {corpus.dataset.modality}"
@@ -63,6 +62,8 @@ def train(
     ``resume``: ``True`` continues from ``[checkpoint] url``, a string from that URL.
     ``stop_at``: stop after that global step, writing a checkpoint (a preemptible slice).
     """
+    if stop_at is not None and config.checkpoint.url is None:
+        raise AdapterkitError("--stop-at needs [checkpoint] url (or --checkpoint URL) to save the run")
     dist = setup(config.train.device)
     try:
         return _train(config, dist, resume, stop_at, progress, echo, host)
@@ -113,9 +114,7 @@ def _train(
     if resume:
         url = resume if isinstance(resume, str) else config.checkpoint.url
         if url is None:
-            from ..errors import AdapterkitError
-
-            raise AdapterkitError("--resume needs [checkpoint] url in the config (or --resume URL)")
+            raise AdapterkitError("--resume needs [checkpoint] url in the config (or --checkpoint URL)")
         start = trainer.resume(url)
         say(f"resumed from {url} at step {start} of {trainer.total}")
     step = trainer.fit(train_data, start=start, stop_at=stop_at)
