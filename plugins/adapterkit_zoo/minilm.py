@@ -86,4 +86,4 @@ class MiniLM(Backbone):
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
     def feature_dim(self, body: nn.Module) -> int:
-        return int(body.config.hidden_size)  # type: ignore[union-attr]
+        return int(body.config.hidden_size)  # type: ignore[union-attr,arg-type]

