@@ -106,6 +106,13 @@ def versions() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return one, two
 
 
+# moto (5.x) closes an overwritten object's buffer at once, so a GET in flight can fail
+# server side ("ValueError: read of closed file"), which botocore reports as a checksum
+# mismatch of an empty body. Real S3 serves the old object whole. Such reads fail loudly;
+# what must never happen is a read that succeeds with a mix of versions.
+MOTO_RACE = "did not match calculated checksum: AAAAAA=="
+
+
 @pytest.mark.parametrize("backend", ["local", "memory", "s3"])
 def test_readers_see_whole_versions(backend: str, tmp_path: Any, request: Any) -> None:
     options: dict[str, Any] | None = None
@@ -118,13 +125,16 @@ def test_readers_see_whole_versions(backend: str, tmp_path: Any, request: Any) -
         url, options = f"s3://{s3['bucket']}/race.safetensors", s3["options"]
     one, two = versions()
     adapterkit.save_tensors(one, url, storage_options=options)
-    done, seen, errors = threading.Event(), {"one": 0, "two": 0}, []
+    done, seen, errors, moto_failures = threading.Event(), {"one": 0, "two": 0}, [], []
 
     def reader() -> None:
         while not done.is_set():
             try:
                 got = adapterkit.load_tensors(url, storage_options=options)
-            except Exception as exc:  # any error is a failure of atomicity
+            except Exception as exc:  # any error is a failure of atomicity ...
+                if backend == "s3" and MOTO_RACE in str(exc):
+                    moto_failures.append(exc)  # ... except moto's own (see MOTO_RACE)
+                    continue
                 errors.append(exc)
                 return
             which = "one" if torch.equal(got["skill_0"], one["skill_0"]) else "two"
@@ -141,6 +151,6 @@ def test_readers_see_whole_versions(backend: str, tmp_path: Any, request: Any) -
         done.set()
         thread.join()
     assert not errors, errors[0]
-    assert seen["one"] + seen["two"] >= 2
+    assert seen["one"] + seen["two"] >= 2 and seen["one"] + seen["two"] > len(moto_failures)
     with fsspec.open(url, "rb", **(options or {})) as file:
         assert len(file.read()) == adapterkit.inspect(url, storage_options=options).size
