@@ -351,6 +351,12 @@ def ls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[Li
     return entries
 
 
+def _join(folder: str, name: str) -> str:
+    """``folder/name`` on the first link of a possibly chained URL (``a/::b`` -> ``a/name::b``)."""
+    head, sep, rest = folder.partition("::")
+    return head.rstrip("/") + "/" + name + sep + rest
+
+
 def _probe(loc: Location, files: list[tuple[str, int | None]]) -> list[tuple[int, bytes | BaseException]]:
     """First bytes of many files in one batch (async backends fetch them concurrently)."""
     sizes = []
@@ -399,12 +405,14 @@ def cp(
         wanted = list(header.tensors.values())
         decode(header, wanted, [(data, header.header_size)] * len(wanted), src, verify=True)
     options = storage_options if dst_storage_options is None else dst_storage_options
-    dst_loc = resolve(dst, options, write=True)
     name = src.split("::")[0].rstrip("/").rpartition("/")[2]
+    if dst.split("::")[0].endswith("/"):
+        dst = _join(dst, name)
+    dst_loc = resolve(dst, options, write=True)
     with storage_errors("write", dst):
-        is_dir = dst.endswith("/") or dst_loc.fs.isdir(dst_loc.path)
+        is_dir = dst_loc.fs.isdir(dst_loc.path)
     if is_dir:
-        dst = dst.rstrip("/") + "/" + name
+        dst = _join(dst, name)
         dst_loc = resolve(dst, options, write=True)
     write_atomic(dst_loc, [data])
     return AdapterInfo.from_header(dst, header)

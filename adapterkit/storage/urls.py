@@ -71,6 +71,9 @@ def resolve(url: str, storage_options: Mapping[str, Any] | None = None, *, write
     except Exception as exc:  # any backend failing to start (bad option, credentials) is one line
         raise StorageError(f"cannot open {url!r}: {one_line(exc)}") from exc
     location = Location(fs, path, url)
+    if write and url.split("::")[0].endswith("/"):
+        example = f"{url}adapter.safetensors"
+        raise StorageError(f"cannot write {url!r}: that names a folder; give a file URL such as {example}")
     if write:
         # Caches serve reads; a write goes to the filesystem they wrap.
         while isinstance(location.fs, CachingFileSystem):

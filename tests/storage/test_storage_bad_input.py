@@ -292,3 +292,14 @@ def test_every_single_byte_change_is_detected(good: bytes, mask: int) -> None:
             continue
         undetected.append(index)
     assert not undetected, f"{len(undetected)} of {len(good)} single-byte changes went unnoticed: {undetected[:10]}"
+
+
+def test_save_to_a_folder_url(tmp_path: Any) -> None:
+    with pytest.raises(StorageError, match=r"that names a folder; give a file URL such as .*/adapter.safetensors"):
+        adapterkit.save(trained(LORA), f"{tmp_path}/lib/")
+    os_dir = f"{tmp_path}/existing"
+    import os
+
+    os.makedirs(os_dir)
+    with pytest.raises(StorageError, match=r"it is a directory"):
+        adapterkit.save(trained(LORA), os_dir)
