@@ -73,11 +73,12 @@ class AdapterInfo:
 
     @property
     def method(self) -> str:
-        """Kind plus every non-default role, e.g. ``lora+mhr+poly``; ``-`` for non-adapters."""
+        """Kind plus every non-default role name, once each (``lora+mosa``, ``lora+mhr+average``);
+        ``-`` for files that are not adapters."""
         if self.recipe is None:
             return "-"
         roles = [self.recipe.role(r).name for r in ROLES if self.recipe.role(r).name != DEFAULT_ROLE_NAMES[r]]
-        return "+".join([self.recipe.kind, *roles])
+        return "+".join(dict.fromkeys([self.recipe.kind, *roles]))  # mosa splitter + mosa sampler: once
 
     @property
     def data_size(self) -> int:
