@@ -26,7 +26,7 @@ KEY = "checkpoint"
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config a resumed run must share (not outputs, logging or device)."""
-    train = {k: v for k, v in config.get("train", {}).items() if k not in ("device", "log_every")}
+    train = {k: v for k, v in config.get("train", {}).items() if k not in ("device", "log_every", "threads")}
     keep = {k: config.get(k) for k in ("recipe", "model", "data", "optim")}
     return {**keep, "train": train}
 

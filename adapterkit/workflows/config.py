@@ -131,6 +131,8 @@ class TrainConfig:
     seed: int = 0
     consistency: float = attrs.field(default=0.0, validator=_non_negative_float)
     device: str = "auto"
+    threads: int = attrs.field(default=0, validator=_non_negative_int)
+    """torch intra-op threads per process (0: torch's default); 1 helps on oversubscribed cores."""
     log_every: int = attrs.field(default=1, validator=_positive_int)
 
 

@@ -4,7 +4,7 @@ MoSA on a frozen, pretrained EfficientNet-Lite0, trained on scikit-learn's handw
 digits: both ship inside pip packages, so it needs no network. A bottleneck adapter
 after each of the 16 MBConv blocks is split into 4 sparse modules; one module per layer
 trains at each step; the merge averages them into one plain adapter (``W0 + D/4``).
-About two minutes on 2 CPU cores. ``adapterkit train --show-default`` prints it.
+Under a minute on 2 CPU cores (measured 49 s on a busy machine). ``adapterkit train --show-default`` prints it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ name = "mosa"
 name = "mosa"                  # W0 + D/N: one plain adapter
 
 [optim]
-lr = 5e-3
+lr = 1e-2
 weight_decay = 0.01
 warmup = 0.1
 schedule = "cosine"
@@ -48,6 +48,7 @@ schedule = "cosine"
 [train]
 epochs = 3
 batch_size = 32
+threads = 1                    # small batches: one thread per process is as fast and immune to oversubscription
 seed = 0
 
 [eval]

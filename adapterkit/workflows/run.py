@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import torch
 
 from ..attach import state_of
 from ..errors import AdapterkitError
@@ -64,6 +65,8 @@ def train(
     """
     if stop_at is not None and config.checkpoint.url is None:
         raise AdapterkitError("--stop-at needs [checkpoint] url (or --checkpoint URL) to save the run")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     dist = setup(config.train.device)
     try:
         return _train(config, dist, resume, stop_at, progress, echo, host)
