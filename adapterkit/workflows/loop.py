@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CheckpointConfig, OptimConfig, TrainConfig
 from .data import Encoded, batch_plan
 from .distributed import Dist, Streams, derive_seed
-from .evaluation import Row, evaluate
+from .evaluation import evaluate
 from .models import is_routed, shared_copy
 
 Echo = Callable[[str], None]
@@ -218,7 +218,3 @@ def epoch_evaluator(
 
     return on_epoch
 
-
-def iter_rows(rows: list[Row]) -> Iterator[dict[str, Any]]:
-    for row in rows:
-        yield row.to_dict()
