@@ -65,7 +65,7 @@ def plot(table: Tensor, tasks: Sequence[str], url: str, title: str = "") -> None
             ax.set_title(f"head {h}", fontsize=9)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="routing weight")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.0 + 0.08 / rows)  # above the head titles
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
