@@ -25,8 +25,7 @@ def expected_weights(site: AdapterSite) -> dict[str, Tensor]:
     out = {}
     for name, module in site.projections.items():
         partition = site.partition(name)
-        celled = isinstance(module, SparseDelta)
-        gates = site.sampler.gates(partition, False, module.delta.device) if celled else None
+        gates = site.sampler.gates(partition, False, module.delta.device) if isinstance(module, SparseDelta) else None
         training = module.training
         module.eval()  # eval forwards never mark cells as used
         out[name] = module(gates).detach().clone()
@@ -54,7 +53,7 @@ def _uncelled_copy(site: AdapterSite, weights: dict[str, Tensor]) -> AdapterSite
         make_router=lambda heads: router, routing=site.routing, generator=generator,
     )
     for name, value in weights.items():
-        new.projections[name].weight.copy_(value)
+        new.projections[name].weight.copy_(value)  # type: ignore[operator]
     extras = {k: v for k, v in site.state_dict().items() if not k.startswith(("base.", "projections.", "router."))}
     new.load_state_dict(extras, strict=False)
     new.train(site.training)

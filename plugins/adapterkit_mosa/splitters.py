@@ -80,7 +80,7 @@ class SparseDelta(nn.Module):
         if gates is None:  # every cell active (e.g. the 'all' sampler)
             if self.training and torch.is_grad_enabled():
                 self.touched.fill_(True)
-            delta = self.delta
+            delta: Tensor = self.delta
         else:
             if self.training and torch.is_grad_enabled():
                 self.touched.logical_or_(gates > 0)

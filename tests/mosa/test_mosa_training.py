@@ -106,3 +106,17 @@ def test_eval_gates_are_activation_probabilities_and_mark_nothing(make_model, ba
         model.train()
         model(**batch)
     assert not any(m.touched.any() for m in split_modules(model))
+
+
+def test_the_all_sampler_trains_every_cell_and_merges_w0_plus_d(make_model, batch, loss) -> None:
+    model = make_model(share="none", sampler={"name": "all"})
+    randomize_deltas(model)
+    model.train()
+    loss(model, batch).backward()
+    for module in split_modules(model):
+        assert bool(module.touched.all())
+        assert (module.delta.grad != 0).float().mean() > 0.9
+    module = split_modules(model)[0]
+    expected = module.w0 + module.delta.detach()
+    adapterkit.merge(model)
+    torch.testing.assert_close(adapterkit.sites(model)["encoder.layer.0.output"].projections["down"].weight, expected)
