@@ -167,4 +167,3 @@ def batch_plan(n: int, batch_size: int, world: int) -> tuple[int, int]:
     if batch % world:
         raise DataError(f"batch size {batch} does not split evenly across {world} processes")
     return batch, max(1, n // batch) if batch else 0
-

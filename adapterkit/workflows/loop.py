@@ -217,4 +217,3 @@ def epoch_evaluator(
         dist.barrier()
 
     return on_epoch
-

@@ -23,7 +23,11 @@ def merge_artifact(src: str, dst: str, merger: str | None = None, args: Mapping[
     name = merger or artifact.config.recipe.merger.name
     merge_args = dict(args or {}) if merger else {**artifact.config.recipe.merger.args, **(args or {})}
     merge(classifier.body, name, **merge_args)
-    merged = attrs.evolve(artifact, stage="merged", merger={"name": name, "args": merge_args})
+    extra = dict(artifact.extra)
+    task = merge_args.get("task")
+    if isinstance(task, int) and 0 <= task < len(artifact.tasks):  # a per-task collapse serves that task only
+        extra["task"] = artifact.tasks[task]
+    merged = attrs.evolve(artifact, stage="merged", merger={"name": name, "args": merge_args}, extra=extra)
     save_artifact(classifier, merged, dst)
     return merged
 

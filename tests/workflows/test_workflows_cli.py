@@ -164,3 +164,18 @@ def test_adapt_each_mode(runner: CliRunner, inventory: str, mode: str, mem: str)
     assert rows[-1]["task"] == "all" and rows[-1]["n"] > 0
     with fsspec.open(saved, "rb") as f:
         assert len(f.read()) > 0
+
+
+def test_per_task_collapse_and_fold_keeps_scores(runner: CliRunner, inventory: str, mem: str) -> None:
+    """Deploying one task of the inventory: collapse its routing and fold the LoRA into the
+    base weights; the file then serves that task alone, with the routed model's scores."""
+    routed = json.loads(_invoke(runner, ["eval", inventory, "--task", "apple", "--json"]).output)["rows"]
+    folded = f"{mem}/apple.safetensors"
+    _invoke(runner, ["merge", inventory, folded, "--merger", "collapse", "--arg", "task=1", "--arg", "fold=true"])
+    rows = json.loads(_invoke(runner, ["eval", folded, "--json"]).output)["rows"]
+    assert routed[0]["task"] == "apple"
+    assert (rows[-1]["n"], rows[-1]["accuracy"], rows[-1]["macro_f1"]) == (
+        routed[0]["n"],
+        routed[0]["accuracy"],
+        routed[0]["macro_f1"],
+    )
