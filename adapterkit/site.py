@@ -39,11 +39,12 @@ def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> 
     heads = routing.shape[1]
     if heads == 1 or partition.head_axis is None:
         per_example = routing[:, 0] if heads == 1 else routing.mean(1)
-        return torch.einsum("bk,k...->b...", per_example, weight)
+        return (per_example @ weight.flatten(1)).view(-1, *weight.shape[1:])  # one GEMM (b, K) @ (K, n)
     axis = partition.head_axis + 1
-    blocks = weight.unflatten(axis, (heads, -1)).movedim(axis, 1)  # [K, H, ...]
-    mixed = torch.einsum("bhk,kh...->bh...", routing, blocks)  # [b, H, ...]
-    return mixed.movedim(1, axis).flatten(axis, axis + 1)
+    blocks = weight.unflatten(axis, (heads, -1)).movedim(axis, 0)  # [H, K, ..., block, ...]
+    mixed = torch.bmm(routing.transpose(0, 1), blocks.flatten(2))  # per head: (b, K) @ (K, n) -> [H, b, n]
+    mixed = mixed.view(heads, -1, *blocks.shape[2:])  # [H, b, ..., block, ...]
+    return mixed.movedim(0, axis).flatten(axis, axis + 1)
 
 
 def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, add_to: Tensor | None = None) -> Tensor:
