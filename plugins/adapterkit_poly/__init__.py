@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from adapterkit import Registry, hookimpl
 from adapterkit.roles import Merger, Router, Splitter
 
-from .adapt import MODES, adapt, load_routing_state_dict, routing_state_dict
+from .adapt import MODES, adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing
 from .mergers import Average, Collapse, Weighted, soup, unfold
 from .peft_interop import export_peft, from_peft, import_peft, read_peft, to_peft, write_peft
 from .routers import PolyRouter, PrivateRouter, UniformRouter
@@ -48,9 +48,11 @@ __all__ = [
     "export_peft",
     "from_peft",
     "import_peft",
+    "load_routing",
     "load_routing_state_dict",
     "read_peft",
     "routing_state_dict",
+    "save_routing",
     "soup",
     "to_peft",
     "unfold",

@@ -5,7 +5,7 @@ operation, the head count comes from the inventory):
 
 - ``poly`` / ``mhr``: a fresh routing row for the new task; the skills and that row train.
 - ``mhr-z``: the skills are frozen; only the routing row trains, so the per-task state is
-  the row alone (:func:`routing_state_dict`: ``layers * H * K`` numbers).
+  the row alone (:func:`save_routing` writes ``sites * H * K`` numbers).
 - ``mhr-mu`` / ``poly-mu``: routing is dropped and the skills averaged: each site becomes
   one plain LoRA (exactly the uniform-routing model), which then trains.
 
@@ -16,7 +16,7 @@ After ``poly``/``mhr``/``mhr-z`` the model routes one task: call it with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -136,3 +136,17 @@ def load_routing_state_dict(model: nn.Module, tensors: Mapping[str, Tensor]) -> 
             raise AdapterkitError(f"routing state {key!r}: shape {tuple(value.shape)}, model has {tuple(logits.shape)}")
         logits.copy_(value)
     return model
+
+
+def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write only the routing rows (the MHR-z per-task state) as one small safetensors file."""
+    from adapterkit.storage import save_tensors
+
+    save_tensors(routing_state_dict(model), url, metadata={"content": "poly routing"}, storage_options=storage_options)
+
+
+def load_routing(url: str, model: nn.Module, *, storage_options: Mapping[str, Any] | None = None) -> nn.Module:
+    """Load a file written by :func:`save_routing` onto a model adapted the same way."""
+    from adapterkit.storage import load_tensors
+
+    return load_routing_state_dict(model, load_tensors(url, storage_options=storage_options))

@@ -74,7 +74,8 @@ def _empty(value: Any) -> bool:
 
 def check_config(config: Mapping[str, Any]) -> str:
     """The PEFT type (``POLY`` or ``LORA``) after refusing every field we would not reproduce."""
-    peft_type = str(config.get("peft_type", "")).upper()
+    raw = config.get("peft_type", "")
+    peft_type = str(getattr(raw, "value", raw)).upper()  # a PeftType enum in memory, a string in JSON
     if peft_type not in _SUPPORTED:
         raise PeftInteropError(
             f"PEFT type {config.get('peft_type')!r} is not supported; adapterkit imports POLY and LORA"
