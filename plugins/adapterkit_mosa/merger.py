@@ -16,8 +16,6 @@ from torch import Tensor, nn
 from adapterkit.roles import Merger, Sampler, SingleSkill, Splitter
 from adapterkit.site import AdapterSite
 
-from .splitters import SparseDelta
-
 
 @torch.no_grad()
 def expected_weights(site: AdapterSite) -> dict[str, Tensor]:
@@ -25,7 +23,7 @@ def expected_weights(site: AdapterSite) -> dict[str, Tensor]:
     out = {}
     for name, module in site.projections.items():
         partition = site.partition(name)
-        gates = site.sampler.gates(partition, False, module.delta.device) if isinstance(module, SparseDelta) else None
+        gates = site.sampler.gates(partition, False, module.delta.device) if partition.n_cells > 1 else None
         training = module.training
         module.eval()  # eval forwards never mark cells as used
         out[name] = module(gates).detach().clone()
