@@ -61,9 +61,124 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write_json(name: str, payload: dict[str, Any]) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
+def write_json(name: str, payload: dict[str, Any], directory: str | None = None) -> str:
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.json")
     with open(path, "w") as fh:
         json.dump({"environment": environment(), **payload}, fh, indent=2)
+    return path
+
+
+# --- accuracy studies (sparse.py, transfer.py): the workflows' own pieces, cached ----------
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads: on a shared, busy machine 1 thread beats 2 that thrash."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def trainable_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class Bench:
+    """One dataset object and one pristine backbone body per config, reused across runs.
+
+    ``adapterkit.workflows.train`` re-reads the corpus and rebuilds the pretrained body
+    on every call (seconds each); a study makes dozens of runs, so it keeps them here and
+    builds each run's classifier exactly as ``workflows.models.build_classifier`` does
+    (seeded, frozen body, recipe attached, new head), from a deep copy of the body.
+    """
+
+    def __init__(self) -> None:
+        self._datasets: dict[str, Any] = {}
+        self._corpora: dict[str, Any] = {}
+        self._bodies: dict[str, tuple[Any, torch.nn.Module]] = {}
+
+    def dataset(self, data: Any) -> Any:
+        from adapterkit.workflows.data import resolve_dataset
+
+        key = json.dumps([data.dataset, dict(data.args)], sort_keys=True)
+        if key not in self._datasets:
+            self._datasets[key] = resolve_dataset(data)
+        return self._datasets[key]
+
+    def corpus(self, data: Any, seed: int) -> Any:
+        """``workflows.Corpus.load`` with the dataset read once (subsampling seeded by ``seed``)."""
+        from adapterkit.workflows.data import Corpus, check_examples, subsample
+
+        key = json.dumps([data.dataset, dict(data.args), data.train_per_task, data.test_per_task, data.balanced,
+                          seed], sort_keys=True)
+        if key not in self._corpora:
+            dataset = self.dataset(data)
+            classes, tasks = dataset.classes(), dataset.tasks()
+            splits = {}
+            for split, per_task in (("train", data.train_per_task), ("test", data.test_per_task)):
+                examples = dataset.examples(split)
+                check_examples(examples, classes, tasks, split)
+                splits[split] = subsample(examples, per_task, balanced=data.balanced, seed=seed)
+            self._corpora[key] = Corpus(dataset, classes, tasks, splits["train"], splits["test"])
+        return self._corpora[key]
+
+    def backbone(self, model: Any) -> tuple[Any, torch.nn.Module]:
+        from adapterkit.workflows.models import resolve_backbone
+
+        key = json.dumps([model.backbone, dict(model.args)], sort_keys=True)
+        if key not in self._bodies:
+            backbone = resolve_backbone(model)
+            self._bodies[key] = (backbone, backbone.build())
+        return self._bodies[key]
+
+    def classifier(self, model: Any, recipe: Any, num_classes: int, seed: int) -> Any:
+        import copy
+
+        from adapterkit import attach
+        from adapterkit.zoo import Classifier
+
+        backbone, pristine = self.backbone(model)
+        torch.manual_seed(seed)
+        body = copy.deepcopy(pristine)
+        for p in body.parameters():
+            p.requires_grad_(False)
+        attach(body, recipe)
+        torch.manual_seed(seed)
+        return Classifier(backbone, body, num_classes)
+
+
+def fit(classifier: Any, data: Any, optim: Any, train: Any) -> dict[str, Any]:
+    """Train with the workflows' own loop (AdamW exact for sparse cells, warm-up and schedule,
+    sampler progress, MoSA's consistency regulariser, task routing); no progress bar."""
+    from adapterkit.workflows.distributed import Dist
+    from adapterkit.workflows.loop import Trainer
+
+    trainer = Trainer(classifier, optim, train, Dist(), echo=lambda _: None, progress=False)
+    trainer.setup(len(data))
+    start = time.perf_counter()
+    steps = trainer.fit(data)
+    return {"steps": steps, "train_seconds": time.perf_counter() - start}
+
+
+def evaluate_deployed(classifier: Any, test: Any, tasks: list[str], batch_size: int = 128) -> tuple[Any, bool]:
+    """Accuracy/macro-F1 rows of the model as deployed: merged by the recipe's merger when
+    it merges (``merged`` True), else as trained (routed models route their task ids)."""
+    from adapterkit.workflows.evaluation import evaluate
+    from adapterkit.workflows.loop import merged_copy
+    from adapterkit.workflows.models import is_routed
+
+    model, reason = merged_copy(classifier)
+    return evaluate(model, test, tasks, batch_size, is_routed(model)), reason is None
+
+
+def save_figure(fig: Any, name: str, directory: str | None = None) -> str:
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

@@ -1,0 +1,125 @@
+"""The accuracy studies' ``--quick`` modes run end to end and write well-formed results.
+
+Each study runs as users run it (``python benchmarks/<study>.py --quick``) in a
+subprocess, writing into a temporary folder. The checks are about structure and
+invariants, never about accuracy values: every variant of every cell is present, every
+number is finite, summaries are the means of the per-seed results, and the parameter
+counts follow from the adapter shapes (equal across the sparse variants; per task for
+the transfer methods).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_study(name: str, out: str) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick", "--out", out],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(os.path.join(out, f"{name}.png"), "rb") as f:
+        png = f.read()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    with open(os.path.join(out, f"{name}.json")) as f:
+        payload: dict[str, Any] = json.load(f)
+    assert payload["study"] == name and payload["mode"] == "quick"
+    assert "Few-shot transfer" in done.stdout or "Sparse adapters" in done.stdout  # the printed table
+    return payload
+
+
+def check_metrics(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        for key in ("accuracy", "macro_f1"):
+            assert math.isfinite(row[key]) and 0.0 <= row[key] <= 1.0, (key, row)
+
+
+def check_means(summary_row: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    assert summary_row["macro_f1"] == pytest.approx(statistics.fmean(r["macro_f1"] for r in runs))
+    assert summary_row["accuracy"] == pytest.approx(statistics.fmean(r["accuracy"] for r in runs))
+    spread = statistics.stdev([r["macro_f1"] for r in runs]) if len(runs) > 1 else 0.0
+    assert summary_row["macro_f1_std"] == pytest.approx(spread)
+
+
+def test_sparse_quick(tmp_path: Any) -> None:
+    payload = run_study("sparse", str(tmp_path))
+    variants, seeds = payload["variants"], payload["seeds"]
+    assert set(variants) == {"adapter", "mosa", "mosa-noreg", "hierarchical"}
+    results, summary = payload["results"], payload["summary"]
+    check_metrics(results)
+    check_metrics(summary)
+    cells = {(t["name"], s["name"]) for t in payload["tasks"] for s in t["settings"]}
+    assert {name for name, _ in cells} == {"digits", "airline"}
+    assert {setting for _, setting in cells} == {"full", "10-shot"}
+    for task, setting in cells:
+        for variant in variants:
+            runs = [r for r in results if (r["task"], r["setting"], r["variant"]) == (task, setting, variant)]
+            assert sorted(r["seed"] for r in runs) == sorted(seeds)
+            (row,) = [r for r in summary if (r["task"], r["setting"], r["variant"]) == (task, setting, variant)]
+            check_means(row, runs)
+    for task in {name for name, _ in cells}:
+        runs = [r for r in results if r["task"] == task]
+        # The equal-budget claim: every variant trains (and deploys) the same number of parameters...
+        assert len({r["trainable_adapter"] for r in runs}) == 1
+        if task == "airline":  # ...the dense bottleneck's: 6 layers x (2dr + r + d + LayerNorm 2d), d = 384
+            r = next(t["adapter"]["r"] for t in payload["tasks"] if t["name"] == task)
+            assert runs[0]["trainable_adapter"] == 6 * (2 * 384 * r + r + 384 + 2 * 384)
+        assert all(r["merged"] for r in runs)  # scored as deployed: merged into a plain adapter
+    for r in results:
+        n_classes = 10 if r["task"] == "digits" else 3
+        if r["setting"] == "10-shot":
+            assert r["n_train"] == 10 * n_classes
+        assert r["steps"] == next(
+            s["steps"] for t in payload["tasks"] if t["name"] == r["task"] for s in t["settings"]
+            if s["name"] == r["setting"]
+        )
+
+
+def test_transfer_quick(tmp_path: Any) -> None:
+    payload = run_study("transfer", str(tmp_path))
+    methods, seeds, plan = payload["methods"], payload["seeds"], payload["plan"]
+    assert set(methods) == {"shared-lora", "poly", "mhr", "mhr-z", "mhr-mu"}
+    results, summary = payload["results"], payload["summary"]
+    check_metrics(results)
+    check_metrics(summary)
+    check_metrics(payload["pretraining"])
+    assert not set(plan["held_out"]) & set(payload["pretrain_domains"])
+    assert sorted(plan["ks"]) == [16, 32]
+    for domain in [*plan["held_out"], "mean"]:
+        for k in plan["ks"]:
+            for method in methods:
+                runs = [r for r in results if r["k"] == k and r["method"] == method
+                        and domain in ("mean", r["domain"])]
+                assert sorted({r["seed"] for r in runs}) == sorted(seeds) and runs
+                (row,) = [r for r in summary if (r["domain"], r["k"], r["method"]) == (domain, k, method)]
+                check_means(row, runs)
+    for r in results:
+        assert r["n_train"] == 3 * r["k"]  # balanced few-shot: k per class
+        assert r["n_test"] % 3 == 0  # balanced test set
+    # Per-task parameters follow from the shapes: MiniLM (d = 384, 6 layers, query+value).
+    lora = payload["lora"]
+    sites, d, r, skills, heads = 12, 384, lora["r"], lora["skills"], lora["heads"]
+    head = d * 3 + 3
+    one_lora = sites * 2 * d * r
+    expected = {
+        "shared-lora": one_lora + head,
+        "poly": skills * one_lora + sites * skills + head,  # skills + one routing row per site
+        "mhr": skills * one_lora + sites * heads * skills + head,
+        "mhr-z": sites * heads * skills,  # the routing row alone
+        "mhr-mu": one_lora + head,  # the averaged skills: one plain LoRA
+    }
+    for res in results:
+        assert res["trainable_per_task"] == expected[res["method"]], res
