@@ -147,10 +147,48 @@ def _to_html(text: str) -> str | None:
     return str(MarkdownIt("commonmark", {"html": True}).enable("table").render(text))
 
 
+def slug(heading: str) -> str:
+    """GitHub's heading anchor: lower case, markup and punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"<[^>]+>|[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", html.unescape(text)).replace(" ", "-")
+
+
+def _heading_ids(body: str) -> str:
+    def add_id(match: re.Match[str]) -> str:
+        level, inner = match.group(1), match.group(2)
+        return f'<h{level} id="{html.escape(slug(inner))}">{inner}</h{level}>'
+
+    return re.sub(r"<h([1-6])>(.*?)</h\1>", add_id, body, flags=re.S)
+
+
+def _relink(text: str, rel: str, out_dir: str) -> str:
+    """Point Markdown links at the rendered site: pages become ``.html``; other files
+    (examples, sources outside ``docs/``) are linked where they are, from ``out_dir``."""
+    page_dir = os.path.dirname(os.path.join(DOCS, rel))
+    out_page_dir = os.path.dirname(os.path.join(out_dir, rel))
+
+    def fix(match: re.Match[str]) -> str:
+        label, target = match.group(1), match.group(2)
+        path, hash_, anchor = target.partition("#")
+        if not path or re.match(r"[a-z]+:", path):
+            return match.group(0)
+        resolved = os.path.normpath(os.path.join(page_dir, path))
+        inside = os.path.relpath(resolved, DOCS)
+        if resolved.endswith(".md") and not inside.startswith(("..", "examples")):
+            path = path[:-3] + ".html"
+        else:
+            path = os.path.relpath(resolved, out_page_dir)
+        return f"[{label}]({path}{hash_}{anchor})"
+
+    return re.sub(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)", fix, text)
+
+
 def _nav_html(current: str) -> str:
     up = os.path.relpath(DOCS, os.path.join(DOCS, os.path.dirname(current)))
     items = []
     for title, page in NAV:
+        if not os.path.exists(os.path.join(DOCS, page)):
+            continue  # a page another change has yet to add
         href = html.escape(os.path.normpath(os.path.join(up, page[:-3] + ".html")))
         mark = ' aria-current="page"' if page == current else ""
         items.append(f'<li><a href="{href}"{mark}>{html.escape(title)}</a></li>')
@@ -172,8 +210,7 @@ def render(out_dir: str) -> bool:
     for rel in pages():
         text = open(os.path.join(DOCS, rel), encoding="utf-8").read()
         if as_html:
-            linked = re.sub(r"\]\(((?!https?:)[^)#]+)\.md(#[^)]*)?\)", r"](\1.html\2)", text)
-            body = _to_html(linked)
+            body = _heading_ids(_to_html(_relink(text, rel, out_dir)) or "")
             title = text.splitlines()[0].lstrip("# ") if text else rel
             dest = rel[:-3] + ".html"
             content = (

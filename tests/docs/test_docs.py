@@ -41,15 +41,9 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", read(page), flags=re.S)
 
 
-def slug(heading: str) -> str:
-    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
-    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
-
-
 def anchors(page: str) -> set[str]:
     text = re.sub(r"```.*?```", "", read(page), flags=re.S)
-    found = {slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    found = {build.slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
     return found | set(ANCHOR_ID.findall(text))
 
 
@@ -179,3 +173,8 @@ def test_build_renders_every_page(tmp_path) -> None:
     if as_html:
         index = open(os.path.join(out, "index.html"), encoding="utf-8").read()
         assert 'href="walkthrough.html"' in index and ".md)" not in index
+        workflows = open(os.path.join(out, "workflows.html"), encoding="utf-8").read()
+        assert '<h2 id="adapt-few-shot-learning-of-a-new-task">' in workflows
+        walkthrough = open(os.path.join(out, "walkthrough.html"), encoding="utf-8").read()
+        for target in re.findall(r'href="([^"#]+)', walkthrough):  # pages and files outside the site
+            assert os.path.exists(os.path.normpath(os.path.join(out, target))), target
