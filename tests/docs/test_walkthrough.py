@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,13 +70,17 @@ def script(port: int, target: str) -> str:
 
 @pytest.fixture(scope="module")
 def walkthrough(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    bin_dir = os.path.dirname(sys.executable)
+    for tool, where in (("curl", None), ("timeout", None), ("moto_server", bin_dir), ("adapterkit", bin_dir)):
+        if shutil.which(tool, path=where) is None:
+            pytest.skip(f"the walkthrough needs {tool!r} on PATH")
     cwd = tmp_path_factory.mktemp("walkthrough")
     for name in ("docs", "examples"):  # the page runs from the repository root
         os.symlink(os.path.join(ROOT, name), cwd / name)
     target = str(tmp_path_factory.mktemp("site-packages"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_", "ADAPTERKIT_"))}
     env.update(
-        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""),
         PYTHONPATH=os.pathsep.join(p for p in (target, env.get("PYTHONPATH")) if p),
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
     )
