@@ -126,6 +126,7 @@ def test_s3_listing_shows_the_copied_files(walkthrough: Run) -> None:
     walkthrough.check()
     for name in ("adapter", "merged"):
         local = adapterkit.inspect(os.path.join(walkthrough.cwd, f"runs/digits/{name}.safetensors"))
+        assert local.digest is not None
         digest = local.digest.removeprefix("sha256:")
         assert f"-> s3://adapters/digits/{name}.safetensors" in walkthrough.stdout
         assert re.search(rf"^digits/{name}\.safetensors\s+.*\s{digest[:12]}$", walkthrough.stdout, flags=re.M)
