@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import RoutingError
-from .roles import Configurable, Partition, ProjectionSpec, Router, Sampler, SingleSkill, Splitter
+from .roles import Configurable, Partition, Projection, ProjectionSpec, Router, Sampler, SingleSkill, Splitter
 
 
 class RoutingState:
@@ -195,7 +195,8 @@ class AdapterSite(Configurable, nn.Module):
             routing=self.routing, generator=generator,
         )
         for name, value in weights.items():
-            new.projections[name].weight.copy_(value.unsqueeze(0))
+            projection: Projection = new.projections[name]  # type: ignore[assignment]  # dense splitter
+            projection.weight.copy_(value.unsqueeze(0))
         extras = {k: v for k, v in self.state_dict().items() if not k.startswith(("base.", "projections.", "router."))}
         new.load_state_dict(extras, strict=False)
         new.train(self.training)
@@ -206,10 +207,10 @@ class AdapterSite(Configurable, nn.Module):
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
