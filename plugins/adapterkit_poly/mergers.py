@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from adapterkit.errors import AdapterkitError
 from adapterkit.roles import Merger, Sampler, SingleSkill, Splitter
 from adapterkit.site import AdapterSite, mix_skills
-from adapterkit.validators import one_of
+from adapterkit.validators import one_of, positive
 
 UNFOLD_ATTR = "_adapterkit_unfold"
 
@@ -93,7 +93,7 @@ class Weighted(Merger):
     class Config:
         weights: tuple[Any, ...] = attrs.field(converter=_as_weights)
         mode: str = attrs.field(default="separate", validator=one_of("separate", "delta"))
-        rank: int | None = None
+        rank: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive))
 
     @torch.no_grad()
     def merge_site(self, site: AdapterSite) -> nn.Module:
