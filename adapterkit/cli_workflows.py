@@ -8,7 +8,9 @@ from typing import Any
 import click
 import tomllib
 
+from .cli_storage import storage_option
 from .errors import AdapterkitError
+from .storage import parse_options
 
 
 def _value(text: str) -> Any:
@@ -29,14 +31,14 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
-def _write_json(data: Any, target: str | None) -> None:
+def _write_json(data: Any, target: str | None, storage: dict[str, Any] | None = None) -> None:
     text = json.dumps(data, indent=2)
     if target in (None, "-"):
         click.echo(text)
     else:
         import fsspec
 
-        with fsspec.open(target, "w") as f:
+        with fsspec.open(target, "w", **(storage or {})) as f:
             f.write(text + "\n")
 
 
@@ -54,6 +56,7 @@ def _write_json(data: Any, target: str | None) -> None:
 )
 @click.option("--json", "json_out", metavar="FILE", help="Write the evaluation as JSON ('-': stdout).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@storage_option
 def train_command(
     config: str | None,
     use_default: bool,
@@ -64,6 +67,7 @@ def train_command(
     stop_at: int | None,
     json_out: str | None,
     no_progress: bool,
+    options_storage_option: tuple[str, ...],
 ) -> None:
     """Train a recipe on a backbone and dataset described by a config TOML (path or URL).
 
@@ -79,17 +83,25 @@ def train_command(
         return
     if config is not None and use_default:
         raise AdapterkitError("give a CONFIG or --default, not both")
-    cfg = workflows.load_config(config) if config is not None else workflows.from_toml(workflows.DEFAULT_CONFIG)
+    storage = parse_options(options_storage_option)
+    cfg = (
+        workflows.load_config(config, storage)
+        if config is not None
+        else workflows.from_toml(workflows.DEFAULT_CONFIG)
+    )
     sets = _pairs(overrides, "--set")
     if checkpoint_url:
         sets["checkpoint.url"] = checkpoint_url
     if sets:
         cfg = workflows.with_overrides(cfg, sets)
-    result = workflows.train(cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=click.echo)
+    result = workflows.train(
+        cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=click.echo, storage_options=storage
+    )
     if result.results:
         click.echo("\n" + table(result.results))
         if json_out:
-            _write_json({"steps": result.steps, "results": as_json(result.results), "epochs": result.history}, json_out)
+            report = {"steps": result.steps, "results": as_json(result.results), "epochs": result.history}
+            _write_json(report, json_out, storage)
 
 
 @click.command("adapt")
@@ -104,9 +116,14 @@ def train_command(
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--init", default="uniform", show_default=True, help="New routing row: uniform, mean or random.")
 @click.option("--train-head/--freeze-head", default=None, help="Default: frozen for mhr-z, trained otherwise.")
-@click.option("--output", metavar="URL", help="Save each adapted model under this URL prefix.")
+@click.option(
+    "--output",
+    metavar="URL",
+    help="Save each adapted model under this URL prefix (mhr-z: also its routing rows alone, *.routing.safetensors).",
+)
 @click.option("--json", "json_out", metavar="FILE", help="Write the results as JSON ('-': stdout).")
 @click.option("--no-progress", is_flag=True)
+@storage_option
 def adapt_command(
     inventory: str,
     task: str,
@@ -122,6 +139,7 @@ def adapt_command(
     output: str | None,
     json_out: str | None,
     no_progress: bool,
+    options_storage_option: tuple[str, ...],
 ) -> None:
     """Few-shot adaptation of a trained skill inventory (INVENTORY: a train output URL) to a new task."""
     from .workflows.adapt import adapt, summary
@@ -131,6 +149,7 @@ def adapt_command(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise AdapterkitError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    storage = parse_options(options_storage_option)
     runs = adapt(
         inventory,
         task,
@@ -146,6 +165,7 @@ def adapt_command(
         output=output,
         progress=not no_progress,
         echo=click.echo,
+        storage_options=storage,
     )
     click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
     stats = summary(runs)
@@ -161,11 +181,19 @@ def adapt_command(
                 "k": k,
                 "summary": stats,
                 "runs": [
-                    {"seed": r.seed, "trainable": r.trainable, "url": r.url, "rows": as_json({"x": r.rows})["x"]}
+                    {
+                        "seed": r.seed,
+                        "trainable": r.trainable,
+                        "url": r.url,
+                        "routing_url": r.routing_url,
+                        "routing_bytes": r.routing_bytes,
+                        "rows": as_json({"x": r.rows})["x"],
+                    }
                     for r in runs
                 ],
             },
             json_out,
+            storage,
         )
 
 
@@ -174,11 +202,15 @@ def adapt_command(
 @click.argument("dst")
 @click.option("--merger", help="Merger name (default: the recipe's).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Merger argument (TOML value).")
-def merge_command(src: str, dst: str, merger: str | None, args: tuple[str, ...]) -> None:
+@storage_option
+def merge_command(
+    src: str, dst: str, merger: str | None, args: tuple[str, ...], options_storage_option: tuple[str, ...]
+) -> None:
     """Merge a trained adapter (SRC URL) into a deployable one (DST URL)."""
     from .workflows import merge_artifact
 
-    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"))
+    storage = parse_options(options_storage_option)
+    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"), storage_options=storage)
     assert merged.merger is not None
     click.echo(f"merged {src} with {merged.merger['name']!r} -> {dst}")
 
@@ -189,12 +221,21 @@ def merge_command(src: str, dst: str, merger: str | None, args: tuple[str, ...])
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of a table.")
-def eval_command(url: str, split: str, tasks: tuple[str, ...], batch_size: int, as_json_flag: bool) -> None:
+@storage_option
+def eval_command(
+    url: str,
+    split: str,
+    tasks: tuple[str, ...],
+    batch_size: int,
+    as_json_flag: bool,
+    options_storage_option: tuple[str, ...],
+) -> None:
     """Accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
     from .workflows import evaluate_artifact
     from .workflows.evaluation import as_json, table
 
-    rows = evaluate_artifact(url, split=split, tasks=tasks, batch_size=batch_size)
+    storage = parse_options(options_storage_option)
+    rows = evaluate_artifact(url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage)
     if as_json_flag:
         click.echo(json.dumps({"url": url, "split": split, "rows": as_json({"x": rows})["x"]}, indent=2))
     else:
@@ -205,17 +246,20 @@ def eval_command(url: str, split: str, tasks: tuple[str, ...], batch_size: int, 
 @click.argument("url")
 @click.argument("png")
 @click.option("--site", metavar="PATTERN", help="Only sites matching this target pattern (default: mean of all).")
-def heatmap_command(url: str, png: str, site: str | None) -> None:
+@storage_option
+def heatmap_command(url: str, png: str, site: str | None, options_storage_option: tuple[str, ...]) -> None:
     """Save the task x skill routing weights (one panel per head) of a routed adapter as PNG."""
     from .workflows import load_artifact
     from .workflows.heatmap import plot, routing_table
 
-    classifier, artifact = load_artifact(url)
+    storage = parse_options(options_storage_option)
+    classifier, artifact = load_artifact(url, storage_options=storage)
     tasks = [artifact.extra["task"]] if artifact.extra.get("task") else artifact.tasks
     if not tasks:
         raise AdapterkitError(f"{url!r} was trained on single-task data: no task routing to plot")
     weights = routing_table(classifier, len(tasks), site)
-    plot(weights, tasks, png, title=f"routing ({artifact.config.recipe.router.name}), {site or 'mean over sites'}")
+    title = f"routing ({artifact.config.recipe.router.name}), {site or 'mean over sites'}"
+    plot(weights, tasks, png, title=title, storage_options=storage)
     click.echo(f"wrote {png}: {weights.shape[0]} tasks x {weights.shape[2]} skills, {weights.shape[1]} heads")
 
 

@@ -15,6 +15,7 @@ from ..recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe
 from .errors import StorageError
 from .format import (
     KEY_DIGEST,
+    KEY_EXTRA,
     KEY_PLUGINS,
     KEY_RECIPE,
     KEY_SITES,
@@ -46,6 +47,7 @@ class AdapterInfo:
     digest: str | None
     metadata: Mapping[str, str]  # the caller's own keys
     tensors: tuple[TensorInfo, ...]
+    extra: tuple[str, ...] = ()  # tensors stored beside the adapter, not part of it (``load`` skips them)
 
     @classmethod
     def from_header(cls, url: str, header: Header) -> AdapterInfo:
@@ -54,8 +56,11 @@ class AdapterInfo:
             recipe = Recipe.from_dict(raw_recipe) if raw_recipe is not None else None
             plugins = header.json_value(KEY_PLUGINS, {})
             sites = tuple(header.json_value(KEY_SITES, []))
+            extra = tuple(header.json_value(KEY_EXTRA, []))
         except (ValueError, TypeError, RecipeError) as exc:
             raise StorageError(f"{url!r}: corrupt adapterkit metadata ({exc})") from None
+        if not set(extra) <= set(header.tensors):
+            raise StorageError(f"{url!r}: corrupt adapterkit metadata (extra tensors not in the file)")
         if header.content == "adapter" and recipe is None:
             raise StorageError(f"{url!r}: corrupt adapterkit metadata (an adapter without its recipe)")
         return cls(
@@ -63,7 +68,7 @@ class AdapterInfo:
             content=header.content, recipe=recipe, plugins=dict(plugins), sites=sites,
             digest=header.metadata.get(KEY_DIGEST),
             metadata={k: v for k, v in header.metadata.items() if not k.startswith(PREFIX)},
-            tensors=tuple(sorted(header.tensors.values(), key=lambda t: t.offsets)),
+            tensors=tuple(sorted(header.tensors.values(), key=lambda t: t.offsets)), extra=extra,
         )
 
     @property
@@ -91,6 +96,7 @@ class AdapterInfo:
             "method": self.method, "recipe": self.recipe.to_dict() if self.recipe else None,
             "plugins": dict(self.plugins), "sites": list(self.sites), "digest": self.digest,
             "metadata": dict(self.metadata), "tensors": [t.to_dict() for t in self.tensors],
+            "extra": list(self.extra),
         }
 
     def __str__(self) -> str:
@@ -103,6 +109,8 @@ class AdapterInfo:
             f"plugins   {', '.join(f'{k} {v}' for k, v in sorted(self.plugins.items())) or '-'}",
             f"sites     {len(self.sites)}",
         ]
+        if self.extra:
+            lines.append(f"extra     {len(self.extra)} tensors beside the adapter: {_short(self.extra)}")
         lines += [f"meta      {k} = {v}" for k, v in sorted(self.metadata.items())]
         if self.recipe is not None:
             lines.append(f"recipe    {json.dumps(self.recipe.to_dict(), sort_keys=True)}")
@@ -138,12 +146,16 @@ def save(
     url: str,
     *,
     metadata: Mapping[str, str] | None = None,
+    extra_tensors: Mapping[str, Tensor] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> AdapterInfo:
     """Write the adapter of an attached model (or named tensors) as one safetensors file.
 
     The file carries the recipe, the plugin versions, the sites and digests, so
     ``adapterkit.load(url, fresh_model)`` can rebuild the adapter. The write is atomic.
+    ``extra_tensors`` (with a model only) are stored beside the adapter under their own
+    names, e.g. a classifier head: ``load`` skips them, ``load_tensors(url, info.extra)``
+    reads them.
     """
     from ..attach import adapter_state_dict, sites, state_of
 
@@ -158,8 +170,18 @@ def save(
         meta[KEY_RECIPE] = json.dumps(recipe.to_dict(), sort_keys=True)
         meta[KEY_SITES] = json.dumps(list(sites(model_or_tensors)))
         meta[KEY_PLUGINS] = json.dumps(_providers(recipe), sort_keys=True)
-        header, parts = encode(adapter_state_dict(model_or_tensors), meta, "adapter")
+        tensors = adapter_state_dict(model_or_tensors)
+        extra = dict(extra_tensors or {})
+        clash = sorted(set(extra) & set(tensors))
+        if clash:
+            raise StorageError(f"extra tensor {clash[0]!r} has the name of an adapter tensor; rename it")
+        if extra:
+            meta[KEY_EXTRA] = json.dumps(sorted(extra))
+        header, parts = encode({**tensors, **extra}, meta, "adapter")
     elif isinstance(model_or_tensors, Mapping):
+        if extra_tensors:
+            raise StorageError("extra_tensors go beside an attached model's adapter; "
+                               "with a mapping of tensors, put them in the mapping")
         header, parts = encode(model_or_tensors, meta, "tensors")
     else:
         kind = type(model_or_tensors).__name__
@@ -200,6 +222,9 @@ def load(
     info = AdapterInfo.from_header(url, header)
     if info.content != "adapter" or info.recipe is None:
         raise StorageError(f"{url!r} holds {info.content}, not an adapter; read it with adapterkit.load_tensors")
+    if not info.sites:
+        raise StorageError(f"{url!r} holds no adapter sites (its adapters were merged into base weights, "
+                           f"stored as extra tensors: {_short(info.extra)}); read them with adapterkit.load_tensors")
     everything = list(header.tensors.values())
     tensors = decode(header, everything, [(data, header.header_size)] * len(everything), url, verify=True)
     with _attached(model, info, url):  # a refused load leaves the model as it was
@@ -270,7 +295,8 @@ def _match(
         return _site_of(key, site_names)
 
     wanted = []
-    for name, entry in header.tensors.items():
+    adapter = {name: entry for name, entry in header.tensors.items() if name not in set(info.extra)}
+    for name, entry in adapter.items():
         target = ours.get(name)
         if target is None:
             if strict:
@@ -285,7 +311,7 @@ def _match(
                 f"in the file but {list(target.shape)} in the model"
             )
         wanted.append(entry)
-    missing = [k for k in ours if k not in header.tensors]
+    missing = [k for k in ours if k not in adapter]
     if strict and missing:
         raise StorageError(f"cannot load {url!r}: site {site(missing[0])!r} of the model has no tensors in the file "
                            f"(missing {missing[0]!r}); file sites: {_short(info.sites)}")

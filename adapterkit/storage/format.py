@@ -11,6 +11,8 @@ tensor is aligned. Metadata keys:
 ``adapterkit.plugins``    JSON ``{plugin: version}`` of the plugins that provide the recipe's
                           kind and roles (adapters; ``{}`` for plain tensors)
 ``adapterkit.sites``      JSON list of adapted module names (adapters)
+``adapterkit.extra``      JSON list of the tensors stored beside an adapter that are not
+                          part of it (e.g. a classifier head); ``load`` skips them
 ``adapterkit.writer``     ``adapterkit <version>`` that wrote the file
 ``adapterkit.sha256``     JSON ``{tensor: sha256 hex of its bytes}``: the tensor data digest,
                           per tensor so a partial load can verify what it fetched
@@ -43,6 +45,7 @@ KEY_CONTENT = "adapterkit.content"
 KEY_RECIPE = "adapterkit.recipe"
 KEY_PLUGINS = "adapterkit.plugins"
 KEY_SITES = "adapterkit.sites"
+KEY_EXTRA = "adapterkit.extra"
 KEY_WRITER = "adapterkit.writer"
 KEY_SHA256 = "adapterkit.sha256"
 KEY_DIGEST = "adapterkit.digest"

@@ -6,12 +6,19 @@ trains: the head is frozen too, so the per-task state is the row alone) and
 ``mhr-mu``/``poly-mu`` (skills averaged into one plain LoRA, which trains). Each seed
 draws its own balanced few-shot set (``k`` examples per class) and trains from the
 same inventory; the table reports every seed and the mean.
+
+With ``output``, each seed's adapted model is saved as
+``<output>/<task>-<mode>-k<k>-seed<seed>.safetensors``; ``mhr-z`` also writes the tiny
+per-task file beside it, ``...-seed<seed>.routing.safetensors``: the routing rows alone
+(``adapterkit_poly.save_routing``), which reproduce the adapted model when loaded onto
+the inventory prepared with ``adapterkit_poly.adapt(body, "mhr-z")`` (the head is frozen
+in mhr-z, so the inventory's own head serves).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -32,14 +39,16 @@ class AdaptRun:
     trainable: int
     rows: list[Row]
     url: str | None
+    routing_url: str | None = None  # mhr-z: the routing-only per-task file
+    routing_bytes: int | None = None
 
 
 def _poly_adapt() -> Any:
     try:
-        from adapterkit_poly.adapt import MODES, adapt
+        from adapterkit_poly.adapt import MODES, adapt, save_routing
     except ImportError:
         raise AdapterkitError("adapt needs the Poly/MHR plugin (adapterkit_poly)") from None
-    return adapt, MODES
+    return adapt, MODES, save_routing
 
 
 def adapt(
@@ -58,11 +67,12 @@ def adapt(
     output: str | None = None,
     progress: bool = True,
     echo: Echo = print,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[AdaptRun]:
-    poly_adapt, modes = _poly_adapt()
+    poly_adapt, modes, save_routing = _poly_adapt()
     if mode not in modes:
         raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(modes)}")
-    artifact, _ = read_artifact(url)
+    artifact, _ = read_artifact(url, storage_options=storage_options)
     if artifact.stage != "trained" or not artifact.tasks:
         raise AdapterkitError(
             f"{url!r} is not a trained multi-task inventory (stage {artifact.stage!r}, {len(artifact.tasks)} tasks)"
@@ -78,7 +88,7 @@ def adapt(
     train_head = mode != "mhr-z" if train_head is None else train_head
     runs = []
     for seed in seeds:
-        classifier, _ = load_artifact(url)
+        classifier, _ = load_artifact(url, storage_options=storage_options)
         poly_adapt(classifier.body, mode, init=init, seed=seed)
         classifier.head.requires_grad_(train_head)
         trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
@@ -96,9 +106,10 @@ def adapt(
         trainer.setup(len(data))
         trainer.fit(data)
         rows = evaluate(classifier, test, [task], artifact.config.eval.batch_size, is_routed(classifier))
-        target = None
+        target = routing = size = None
         if output:
-            target = f"{output.rstrip('/')}/{task}-{mode}-k{k}-seed{seed}.safetensors"
+            stem = f"{output.rstrip('/')}/{task}-{mode}-k{k}-seed{seed}"
+            target = f"{stem}.safetensors"
             adapted = Artifact(
                 attrs.evolve(artifact.config, data=data_config),
                 artifact.classes,
@@ -106,12 +117,18 @@ def adapt(
                 "adapted",
                 extra={"task": task, "mode": mode, "k": k, "seed": seed},
             )
-            save_artifact(classifier, adapted, target)
+            save_artifact(classifier, adapted, target, storage_options=storage_options)
+            if mode == "mhr-z":
+                routing = f"{stem}.routing.safetensors"
+                size = save_routing(classifier.body, routing, storage_options=storage_options).file_size
         echo(
             f"seed {seed}: {trainable:,} trainable parameters; {task} accuracy {rows[-1].accuracy:.4f} "
             f"macro-F1 {rows[-1].macro_f1:.4f}" + (f"; saved {target}" if target else "")
         )
-        runs.append(AdaptRun(seed, trainable, rows, target))
+        if routing:
+            note = "" if not train_head else " (the head trained too: it is only in the full file)"
+            echo(f"seed {seed}: routing rows alone ({size:,} bytes) saved to {routing}{note}")
+        runs.append(AdaptRun(seed, trainable, rows, target, routing, size))
     return runs
 
 

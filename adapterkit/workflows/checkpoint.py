@@ -11,6 +11,7 @@ like any adapter. The RNG needs no state: both streams are re-derived from
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ def save_checkpoint(
     step: int,
     world: int,
     config: dict[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable_state(classifier).items()}
     state = optimizer.state_dict()
@@ -58,14 +60,20 @@ def save_checkpoint(
         "scalars": scalars,
         "scheduler": scheduler.state_dict(),
     }
-    save_tensors(tensors, url, metadata={KEY: json.dumps(meta)})
+    save_tensors(tensors, url, metadata={KEY: json.dumps(meta)}, storage_options=storage_options)
 
 
 def load_checkpoint(
-    url: str, classifier: Classifier, optimizer: torch.optim.Optimizer, scheduler: Any, *, config: dict[str, Any]
+    url: str,
+    classifier: Classifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    config: dict[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Restore a checkpoint into a freshly built run; returns the step to continue from."""
-    info = inspect(url)
+    info = inspect(url, storage_options=storage_options)
     if KEY not in info.metadata:
         raise AdapterkitError(f"{url!r} is not a training checkpoint")
     meta = json.loads(info.metadata[KEY])
@@ -76,7 +84,7 @@ def load_checkpoint(
                 f"checkpoint {url!r} was written by a run with a different [{section}] config; "
                 "resume with the same config"
             )
-    tensors = load_tensors(url)
+    tensors = load_tensors(url, storage_options=storage_options)
     load_trainable_state(classifier, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():

@@ -234,7 +234,7 @@ def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str
         raise ConfigError(f"cannot read {url}: {exc}") from None
 
 
-def from_dict(data: Mapping[str, Any]) -> WorkflowConfig:
+def from_dict(data: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> WorkflowConfig:
     known = {"model", "data", "recipe", *SECTIONS}
     for key in data:
         _check(key in known, f"unknown config key {key!r}; valid sections: {', '.join(sorted(known))}")
@@ -246,24 +246,24 @@ def from_dict(data: Mapping[str, Any]) -> WorkflowConfig:
         data_own["dataset"] = "files"  # your own data: [data] train = "URL"
     sections = {name: _build(cls, name, _table(data, name)) for name, cls in SECTIONS.items()}
     return WorkflowConfig(
-        recipe=load_recipe(_table(data, "recipe")),
+        recipe=load_recipe(_table(data, "recipe"), storage_options),
         model=_build(ModelConfig, "model", {**model_own, "args": model_args}),
         data=_build(DataConfig, "data", {**data_own, "args": data_args}),
         **sections,
     )
 
 
-def from_toml(text: str) -> WorkflowConfig:
+def from_toml(text: str, storage_options: Mapping[str, Any] | None = None) -> WorkflowConfig:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"malformed config TOML: {exc}") from None
-    return from_dict(data)
+    return from_dict(data, storage_options)
 
 
-def load(url: str) -> WorkflowConfig:
-    """Read a workflow config TOML from a path or any fsspec URL."""
-    return from_toml(read_text(url))
+def load(url: str, storage_options: Mapping[str, Any] | None = None) -> WorkflowConfig:
+    """Read a workflow config TOML from a path or any fsspec URL (``recipe.file`` too)."""
+    return from_toml(read_text(url, storage_options), storage_options)
 
 
 def with_overrides(config: WorkflowConfig, overrides: Mapping[str, Any]) -> WorkflowConfig:

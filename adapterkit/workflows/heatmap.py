@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +34,13 @@ def routing_table(classifier: Classifier, n_tasks: int, site: str | None = None)
     return torch.stack(tables).mean(0)
 
 
-def plot(table: Tensor, tasks: Sequence[str], url: str, title: str = "") -> None:
+def plot(
+    table: Tensor,
+    tasks: Sequence[str],
+    url: str,
+    title: str = "",
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Write a PNG (any fsspec URL): one task x skill panel per head."""
     try:
         import matplotlib
@@ -69,5 +76,5 @@ def plot(table: Tensor, tasks: Sequence[str], url: str, title: str = "") -> None
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    with fsspec.open(url, "wb") as f:
+    with fsspec.open(url, "wb", **(storage_options or {})) as f:
         f.write(buffer.getvalue())

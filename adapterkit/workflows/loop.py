@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -81,6 +81,7 @@ class Trainer:
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     config_dict: dict[str, Any] = attrs.field(factory=dict)
     on_epoch: Callable[[int, Classifier], None] | None = None
+    storage_options: Mapping[str, Any] | None = None  # fsspec options of the checkpoint URL
     optimizer: torch.optim.Optimizer = attrs.field(init=False)
     scheduler: Any = attrs.field(init=False)
     total: int = attrs.field(init=False, default=0)
@@ -98,7 +99,10 @@ class Trainer:
         return self.batch, self.per_epoch
 
     def resume(self, url: str) -> int:
-        return load_checkpoint(url, self.classifier, self.optimizer, self.scheduler, config=self.config_dict)
+        return load_checkpoint(
+            url, self.classifier, self.optimizer, self.scheduler, config=self.config_dict,
+            storage_options=self.storage_options,
+        )
 
     def save(self, step: int) -> None:
         if self.checkpoint.url is None:
@@ -112,6 +116,7 @@ class Trainer:
                 step=step,
                 world=self.dist.world,
                 config=self.config_dict,
+                storage_options=self.storage_options,
             )
         self.dist.barrier()
 

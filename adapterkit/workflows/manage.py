@@ -15,9 +15,16 @@ from .evaluation import Row, evaluate
 from .models import is_routed
 
 
-def merge_artifact(src: str, dst: str, merger: str | None = None, args: Mapping[str, Any] | None = None) -> Artifact:
+def merge_artifact(
+    src: str,
+    dst: str,
+    merger: str | None = None,
+    args: Mapping[str, Any] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Artifact:
     """Load ``src``, merge every site (default: the recipe's merger), save to ``dst``."""
-    classifier, artifact = load_artifact(src)
+    classifier, artifact = load_artifact(src, storage_options=storage_options)
     if artifact.stage == "merged":
         raise AdapterkitError(f"{src!r} is already merged")
     name = merger or artifact.config.recipe.merger.name
@@ -28,7 +35,7 @@ def merge_artifact(src: str, dst: str, merger: str | None = None, args: Mapping[
     if isinstance(task, int) and 0 <= task < len(artifact.tasks):  # a per-task collapse serves that task only
         extra["task"] = artifact.tasks[task]
     merged = attrs.evolve(artifact, stage="merged", merger={"name": name, "args": merge_args}, extra=extra)
-    save_artifact(classifier, merged, dst)
+    save_artifact(classifier, merged, dst, storage_options=storage_options)
     return merged
 
 
@@ -51,8 +58,15 @@ def evaluation_data(artifact: Artifact, split: str, tasks: Sequence[str] = ()) -
     return examples, inventory
 
 
-def evaluate_artifact(url: str, *, split: str = "test", tasks: Sequence[str] = (), batch_size: int = 128) -> list[Row]:
-    classifier, artifact = load_artifact(url)
+def evaluate_artifact(
+    url: str,
+    *,
+    split: str = "test",
+    tasks: Sequence[str] = (),
+    batch_size: int = 128,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[Row]:
+    classifier, artifact = load_artifact(url, storage_options=storage_options)
     examples, inventory = evaluation_data(artifact, split, tasks)
     data = encode(classifier.backbone, examples, artifact.classes, inventory)
     rows = evaluate(classifier, data, inventory, batch_size, is_routed(classifier))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -57,11 +58,13 @@ def train(
     progress: bool = True,
     echo: Echo = print,
     host: PluginHost | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``config``; on torchrun (or inside an initialised process group) data-parallel.
 
     ``resume``: ``True`` continues from ``[checkpoint] url``, a string from that URL.
     ``stop_at``: stop after that global step, writing a checkpoint (a preemptible slice).
+    ``storage_options``: fsspec options for the checkpoint and output URLs.
     """
     if stop_at is not None and config.checkpoint.url is None:
         raise AdapterkitError("--stop-at needs [checkpoint] url (or --checkpoint URL) to save the run")
@@ -69,7 +72,7 @@ def train(
         torch.set_num_threads(config.train.threads)
     dist = setup(config.train.device)
     try:
-        return _train(config, dist, resume, stop_at, progress, echo, host)
+        return _train(config, dist, resume, stop_at, progress, echo, host, storage_options)
     finally:
         teardown(dist)
 
@@ -82,6 +85,7 @@ def _train(
     progress: bool,
     echo: Echo,
     host: PluginHost | None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     config, corpus, classifier = prepare(config, host)
     classifier.to(dist.device)
@@ -108,6 +112,7 @@ def _train(
         progress=progress,
         checkpoint=config.checkpoint,
         config_dict=config.to_dict(),
+        storage_options=storage_options,
         on_epoch=epoch_evaluator(test_data, corpus.tasks, config.eval.batch_size, dist, say, history)
         if config.eval.every_epoch
         else None,
@@ -128,7 +133,7 @@ def _train(
     elif dist.main:
         artifact = Artifact(config, corpus.classes, corpus.tasks)
         if config.output.adapter:
-            save_artifact(classifier, artifact, config.output.adapter)
+            save_artifact(classifier, artifact, config.output.adapter, storage_options=storage_options)
             say(f"saved adapter to {config.output.adapter}")
         results["trained"] = evaluate(
             classifier, test_data, corpus.tasks, config.eval.batch_size, is_routed(classifier)
@@ -140,7 +145,12 @@ def _train(
             )
             if config.output.merged:
                 merger = {"name": config.recipe.merger.name, "args": dict(config.recipe.merger.args)}
-                save_artifact(merged, attrs.evolve(artifact, stage="merged", merger=merger), config.output.merged)
+                save_artifact(
+                    merged,
+                    attrs.evolve(artifact, stage="merged", merger=merger),
+                    config.output.merged,
+                    storage_options=storage_options,
+                )
                 say(f"saved merged adapter to {config.output.merged}")
         else:
             say(f"not merged: {reason}")

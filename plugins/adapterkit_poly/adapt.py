@@ -16,7 +16,7 @@ After ``poly``/``mhr``/``mhr-z`` the model routes one task: call it with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import torch
@@ -29,6 +29,9 @@ from adapterkit.site import AdapterSite
 
 from .mergers import Average
 from .routers import PolyRouter
+
+if TYPE_CHECKING:
+    from adapterkit.storage.format import Header
 
 Mode = Literal["poly", "mhr", "mhr-z", "mhr-mu", "poly-mu"]
 MODES: tuple[str, ...] = ("poly", "mhr", "mhr-z", "mhr-mu", "poly-mu")
@@ -138,11 +141,14 @@ def load_routing_state_dict(model: nn.Module, tensors: Mapping[str, Tensor]) -> 
     return model
 
 
-def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write only the routing rows (the MHR-z per-task state) as one small safetensors file."""
+def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, Any] | None = None) -> Header:
+    """Write only the routing rows (the MHR-z per-task state) as one small safetensors file;
+    returns its header (``file_size``: the bytes written)."""
     from adapterkit.storage import save_tensors
 
-    save_tensors(routing_state_dict(model), url, metadata={"content": "poly routing"}, storage_options=storage_options)
+    return save_tensors(
+        routing_state_dict(model), url, metadata={"content": "poly routing"}, storage_options=storage_options
+    )
 
 
 def load_routing(url: str, model: nn.Module, *, storage_options: Mapping[str, Any] | None = None) -> nn.Module:
