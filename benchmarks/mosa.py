@@ -18,7 +18,8 @@ buffers (frozen W0, cell ids, masks, merge copies), measured from the live tenso
 a few steps. Merged inference latency compares ``adapterkit.merge`` (MoSA -> a plain
 adapter) with the dense adapter, both in eval mode.
 
-Usage: ``python benchmarks/mosa.py [--rounds 20] [--quick] [--compile]``
+Usage: ``python benchmarks/mosa.py [--rounds 20] [--threads N] [--quick] [--compile]``
+(``--quick`` writes ``results/mosa-quick.json``, leaving the full run's file alone).
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ def main() -> None:
         "merged_latency<=1.01": max(r["vs_dense"] for r in infer_rows) <= 1.01,
     }
     print("\ntargets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in targets.items()))
-    path = write_json("mosa", {"args": vars(args), "training": rows, "memory_bytes": mem, "inference": infer_rows,
+    name = "mosa-quick" if args.quick else "mosa"
+    path = write_json(name, {"args": vars(args), "training": rows, "memory_bytes": mem, "inference": infer_rows,
                                "compile": compiled, "targets": targets,
                                "merged_same_structure_as_dense": same_structure})
     print(f"wrote {path}")

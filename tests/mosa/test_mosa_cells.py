@@ -104,3 +104,8 @@ def test_a_mix_that_does_not_fit_the_levels_fails_clearly(make_model, batch) -> 
     model = make_model(splitter="hierarchical", sampler={"name": "hierarchical", "mix": [1, 1]})
     with pytest.raises(ValueError, match=r"mix has 2 weights but the partition has levels \[2, 4, 8\]"):
         model(**batch)
+
+
+def test_more_than_256_cells_widen_the_id_dtype() -> None:
+    ids = random_cells((40, 40), 300, torch.Generator().manual_seed(0))
+    assert ids.dtype == torch.int32 and ids.unique().numel() == 300
