@@ -288,3 +288,25 @@ def test_plugin_methods_round_trip(name: str, memory_url: str) -> None:
         assert torch.equal(model(x), fresh(x))
     ours, theirs = adapterkit.adapter_state_dict(model), adapterkit.adapter_state_dict(fresh)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours) and list(ours) == list(theirs)
+
+
+def test_extra_tensors_beside_the_adapter(memory_url: str) -> None:
+    """A classifier head (or any tensors) stored beside an adapter: the file stays an
+    adapter (kind, method, recipe), ``load`` skips the extras, ``load_tensors`` reads them."""
+    model = trained(LORA, seed=1)
+    head = {"head.weight": torch.randn(3, 4), "head.bias": torch.randn(3)}
+    url = f"{memory_url}/with-head.safetensors"
+    info = adapterkit.save(model, url, metadata={"note": "x"}, extra_tensors=head)
+    seen = adapterkit.inspect(url)
+    assert (seen.content, seen.kind, seen.method) == ("adapter", "lora", "lora")
+    assert seen.extra == info.extra == ("head.bias", "head.weight")
+    assert seen.to_dict()["extra"] == ["head.bias", "head.weight"] and "extra     2 tensors" in str(seen)
+    assert set(seen.sites) == {"0", "2"} and seen.metadata == {"note": "x"}
+    fresh = adapterkit.load(url, base_model())  # attaches the stored recipe; the head is not the model's
+    assert_same_adapter(model, fresh)
+    extras = adapterkit.load_tensors(url, seen.extra)
+    assert set(extras) == set(head) and all(torch.equal(extras[k], head[k]) for k in head)
+    with pytest.raises(StorageError, match="extra tensor '0.projections.A.weight' has the name of an adapter"):
+        adapterkit.save(model, url, extra_tensors={"0.projections.A.weight": torch.zeros(1)})
+    with pytest.raises(StorageError, match="extra_tensors go beside an attached model"):
+        adapterkit.save({"x": torch.zeros(1)}, url, extra_tensors=head)

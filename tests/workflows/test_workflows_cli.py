@@ -17,9 +17,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from wf_helpers import toml
 
+import adapterkit
 from adapterkit.cli import cli
 
 IMAGE_RUN: dict[str, Any] = {
@@ -84,8 +86,21 @@ def test_train_to_s3_merge_eval(runner: CliRunner, tmp_path: Any, s3_bucket: str
     trained = json.load(open(report))["results"]
 
     merged = f"{mem}/merged.safetensors"
-    out = _invoke(runner, ["merge", adapter, merged]).output
-    assert "'mosa'" in out
+    # -o/--storage-option reaches every read and write: with fsspec's S3 endpoint config
+    # removed, only the option below finds the moto server
+    endpoint = fsspec.config.conf["s3"]["client_kwargs"]["endpoint_url"]
+    option = ["-o", f"client_kwargs.endpoint_url={endpoint}"]
+    saved_conf = fsspec.config.conf.pop("s3")
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        out = _invoke(runner, ["merge", adapter, merged, *option]).output
+        rows = json.loads(_invoke(runner, ["eval", adapter, "--json", *option]).output)["rows"]
+    finally:
+        fsspec.config.conf["s3"] = saved_conf
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "'mosa'" in out and rows == trained["trained"]
     for url, key in ((adapter, "trained"), (merged, "merged (mosa)")):
         rows = json.loads(_invoke(runner, ["eval", url, "--json"]).output)["rows"]
         assert rows == trained[key]  # the saved files reproduce the run's own evaluation
@@ -97,6 +112,17 @@ def test_train_to_s3_merge_eval(runner: CliRunner, tmp_path: Any, s3_bucket: str
     names = [t.name for t in inspect(merged).tensors]
     assert not any("cell_ids" in n or "delta" in n for n in names)
     assert any("cell_ids" in t.name for t in inspect(adapter).tensors)
+    # both are adapter files: kind and method from their recipes, the head beside them
+    listing = {e["name"]: e for e in json.loads(_invoke(runner, ["ls", f"{mem}/", "--json"]).output)}
+    assert (listing["merged.safetensors"]["kind"], listing["merged.safetensors"]["method"]) == (
+        "bottleneck", "bottleneck"
+    )
+    trained_info = inspect(adapter)
+    assert (trained_info.kind, trained_info.method) == ("bottleneck", "bottleneck+mosa")
+    assert trained_info.extra == ("head.bias", "head.weight") == inspect(merged).extra
+    # a bottleneck adapter has no PEFT equivalent: export says so
+    result = runner.invoke(cli, ["export", adapter, os.path.join(str(tmp_path), "peft")])
+    assert result.exit_code != 0 and "only LoRA-kind adapters export to PEFT" in result.output
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +188,61 @@ def test_adapt_each_mode(runner: CliRunner, inventory: str, mode: str, mem: str)
     rows = json.loads(_invoke(runner, ["eval", saved, "--json"]).output)["rows"]
     assert rows == report["runs"][1]["rows"]  # the adapted file reproduces the reported scores
     assert rows[-1]["task"] == "all" and rows[-1]["n"] > 0
-    with fsspec.open(saved, "rb") as f:
-        assert len(f.read()) > 0
+    info = adapterkit.inspect(saved)
+    assert info.content == "adapter" and info.kind == "lora"
+    if mode == "mhr-z":
+        _check_routing_file(report["runs"][1], inventory, result.output)
+    else:
+        assert report["runs"][1]["routing_url"] is None
+
+
+def _check_routing_file(run: dict[str, Any], inventory: str, output: str) -> None:
+    """The mhr-z per-task file holds the routing rows alone (sites x H*K numbers plus a
+    header) and, loaded onto the inventory, reproduces the adapted model's scores."""
+    import adapterkit_poly
+
+    from adapterkit.workflows import load_artifact
+    from adapterkit.workflows.data import encode
+    from adapterkit.workflows.evaluation import as_json, evaluate
+    from adapterkit.workflows.manage import evaluation_data
+
+    url = run["routing_url"]
+    assert url.endswith("selfdriving-mhr-z-k2-seed1.routing.safetensors")
+    info = adapterkit.inspect(url)
+    assert run["routing_bytes"] == info.size and f"({info.size:,} bytes) saved to {url}" in output
+    assert len(info.tensors) == 12 and all(t.name.endswith(".router.logits") for t in info.tensors)
+    assert all(t.shape == (1, 2 * 2) for t in info.tensors)  # one task row of H=2 heads x K=2 skills
+    assert info.data_size == 12 * 4 * 4 and info.size < 4096  # vs the full file: adapter + head
+    assert info.size * 50 < adapterkit.inspect(run["url"]).size
+    classifier, _ = load_artifact(inventory)
+    adapterkit_poly.adapt(classifier.body, "mhr-z")
+    adapterkit_poly.load_routing(url, classifier.body)
+    _, adapted = load_artifact(run["url"])
+    examples, tasks = evaluation_data(adapted, "test")
+    data = encode(classifier.backbone, examples, adapted.classes, tasks)
+    rows = as_json({"x": evaluate(classifier.eval(), data, tasks, 128, True)})["x"]
+    assert rows == run["rows"]
+
+
+def test_outputs_are_adapter_files(runner: CliRunner, inventory: str, tmp_path: Any) -> None:
+    """A trained inventory is an adapter file: ``ls``/``inspect`` show its kind and method,
+    ``adapterkit.load`` puts the adapter on a fresh MiniLM, and it exports to PEFT Poly."""
+    from adapterkit.workflows import load_artifact
+
+    info = adapterkit.inspect(inventory)
+    assert (info.kind, info.method) == ("lora", "lora+mhr+poly") and len(info.sites) == 12
+    listing = json.loads(_invoke(runner, ["ls", inventory, "--json"]).output)
+    assert [(e["kind"], e["method"]) for e in listing] == [("lora", "lora+mhr+poly")]
+    classifier, _ = load_artifact(inventory)
+    body = classifier.backbone.build()
+    adapterkit.load(inventory, body)
+    ours, theirs = adapterkit.adapter_state_dict(body), adapterkit.adapter_state_dict(classifier.body)
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    folder = os.path.join(str(tmp_path), "peft")
+    out = _invoke(runner, ["export", inventory, folder]).output
+    assert "as PEFT POLY" in out
+    config = json.load(open(os.path.join(folder, "adapter_config.json")))
+    assert (config["n_tasks"], config["n_skills"], config["n_splits"], config["r"]) == (3, 2, 2, 4)
 
 
 def test_per_task_collapse_and_fold_keeps_scores(runner: CliRunner, inventory: str, mem: str) -> None:
