@@ -130,6 +130,9 @@ class Sampler(Configurable):
     per-cell activation probability, so the eval forward equals the merged expectation.
     """
 
+    def check(self, partition: Partition) -> None:
+        """Raise ``ValueError`` when this sampler cannot gate ``partition`` (called at attach)."""
+
     def gates(self, partition: Partition, training: bool, device: torch.device) -> Tensor | None:
         return None
 

@@ -106,6 +106,7 @@ class AdapterSite(Configurable, nn.Module):
         factory = factory_kwargs(base)
         for spec in self.projection_specs(base, self.config):
             partition = splitter.split(spec, skills, generator)
+            sampler.check(partition)
             value = torch.empty(skills, *spec.shape)
             spec.init(value, partition.heads, generator)
             module = splitter.parameterize(spec, partition, value)

@@ -107,8 +107,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on busy cores)")
     parser.add_argument("--quick", action="store_true", help="few rounds, small batch (smoke test)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.batch, args.seq = 3, 8, 32
     torch.manual_seed(0)

@@ -77,6 +77,14 @@ class HierarchicalSampler(Sampler):
     def levels(partition: Partition) -> tuple[int, ...]:
         return tuple(partition.meta.get("levels", (partition.n_cells,)))
 
+    def check(self, partition: Partition) -> None:
+        levels = self.levels(partition)
+        if partition.n_cells > 1 and self.config.mix is not None and len(self.config.mix) != len(levels):
+            raise ValueError(
+                f"sampler 'hierarchical': mix has {len(self.config.mix)} weights but the partition has levels "
+                f"{list(levels)}"
+            )
+
     def level_mix(self, levels: Sequence[int], device: torch.device) -> Tensor:
         """Probability of each level for the next draw, shape ``(L,)``."""
         n_levels = len(levels)
