@@ -24,11 +24,14 @@ weights). Metrics: accuracy and macro-F1 of the merged adapter, mean +- std over
 
 Usage: ``python benchmarks/sparse.py [--quick] [--seeds 0 1 2] [--threads 1] [--out DIR]``;
 prints a table, writes ``sparse.json`` and ``sparse.png`` under ``benchmarks/results/``.
+A step-budget sweep of one cell: ``--tasks digits --settings 10-shot --variants adapter mosa
+--steps-scale 4 --name sparse_long``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -106,6 +109,17 @@ def tasks(quick: bool) -> list[Task]:
     ]
 
 
+def select(all_tasks: list[Task], names: list[str] | None, settings: list[str] | None, scale: int) -> list[Task]:
+    """The chosen tasks and settings, every setting's steps multiplied by ``scale``."""
+    out = []
+    for task in all_tasks:
+        if names is None or task.name in names:
+            chosen = tuple(attrs.evolve(s, steps=s.steps * scale) for s in task.settings
+                           if settings is None or s.name in settings)
+            out.append(attrs.evolve(task, settings=chosen))
+    return out
+
+
 def recipe(task: Task, variant: str, seed: int) -> Recipe:
     host = HOSTS[task.name]
     spec: dict[str, Any] = {"seed": seed, "adapter": host}
@@ -157,12 +171,13 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "task": task, "setting": setting, "variant": variant, "seeds": len(runs),
             "accuracy": acc, "accuracy_std": acc_std, "macro_f1": f1, "macro_f1_std": f1_std,
             "trainable_adapter": runs[0]["trainable_adapter"], "n_train": runs[0]["n_train"],
-            "n_test": runs[0]["n_test"], "train_seconds": mean_std([r["train_seconds"] for r in runs])[0],
+            "n_test": runs[0]["n_test"], "steps": runs[0]["steps"],
+            "train_seconds": mean_std([r["train_seconds"] for r in runs])[0],
         })
     return rows
 
 
-def plot(summary: list[dict[str, Any]], out: str | None) -> str:
+def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,22 +188,23 @@ def plot(summary: list[dict[str, Any]], out: str | None) -> str:
     for ax, task in zip(axes[0], task_names, strict=True):
         rows = [r for r in summary if r["task"] == task]
         settings = list(dict.fromkeys(r["setting"] for r in rows))
+        steps = {r["setting"]: r["steps"] for r in rows}
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
         width = 0.8 / len(variants)
         for i, variant in enumerate(variants):
             cells = [next(r for r in rows if r["setting"] == s and r["variant"] == variant) for s in settings]
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(settings))]
             ax.bar(xs, [c["macro_f1"] for c in cells], width, yerr=[c["macro_f1_std"] for c in cells],
-                   capsize=3, label=variant)
-        ax.set_xticks(range(len(settings)), settings)
+                   capsize=3, label=variant, color=f"C{VARIANTS.index(variant)}")  # same colour in every plot
+        ax.set_xticks(range(len(settings)), [f"{s} ({steps[s]} steps)" for s in settings])
         low = min(r["macro_f1"] - r["macro_f1_std"] for r in rows)
         ax.set_ylim(max(0.0, math.floor(low * 10) / 10 - 0.1), 1.0)
         params = rows[0]["trainable_adapter"]
-        ax.set_title(f"{task} ({params:,} adapter parameters, every variant)")
+        ax.set_title(f"{task}: {params:,} adapter parameters (each variant)", fontsize=10)
         ax.set_ylabel("macro-F1 (merged adapter), mean ± std")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Sparse adapters at equal parameters: standard vs MoSA vs hierarchical MoSA")
-    return save_figure(fig, "sparse", out)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.suptitle("Sparse adapters at equal parameters: standard vs MoSA vs hierarchical MoSA", y=1.02)
+    return save_figure(fig, name, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,17 +213,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: 2 threads thrash on a busy 2-core machine)")
-    parser.add_argument("--out", default=None, help="folder for sparse.json/png (default benchmarks/results)")
+    parser.add_argument("--tasks", nargs="+", choices=list(HOSTS), default=None, help="default: all")
+    parser.add_argument("--settings", nargs="+", choices=["full", "10-shot"], default=None, help="default: all")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all")
+    parser.add_argument("--steps-scale", type=int, default=1, help="multiply every setting's steps (a budget sweep)")
+    parser.add_argument("--name", default="sparse", help="results file name (default sparse: sparse.json/png)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--replot", metavar="JSON", default=None, help="only redraw the plot of a results file")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            print(plot(summarise(json.load(fh)["results"]), args.out, args.name))
+        return 0
     set_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    variants = [v for v in VARIANTS if args.variants is None or v in args.variants]
+    selected = select(tasks(args.quick), args.tasks, args.settings, args.steps_scale)
     started = time.perf_counter()
     bench = Bench()
     results = []
-    for task in tasks(args.quick):
+    for task in selected:
         for setting in task.settings:
             for seed in seeds:
-                for variant in VARIANTS:
+                for variant in variants:
                     result = run_one(bench, task, setting, variant, seed)
                     results.append(result)
                     print(f"{task.name:8} {setting.name:8} seed {seed} {variant:13} macro-F1 {result['macro_f1']:.4f} "
@@ -219,17 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                 ["task", "setting", "variant", "trainable_adapter", "n_train", "accuracy", "macro_f1"])
     elapsed = time.perf_counter() - started
     payload = {
-        "study": "sparse", "mode": "quick" if args.quick else "full", "seeds": seeds, "variants": list(VARIANTS),
-        "seconds": elapsed,
+        "study": "sparse", "mode": "quick" if args.quick else "full", "seeds": seeds, "variants": variants,
+        "steps_scale": args.steps_scale, "seconds": elapsed,
         "tasks": [{"name": t.name, "model": {"backbone": t.model.backbone, **t.model.args},
                    "data": {"dataset": t.data.dataset, **t.data.args, "train_per_task": t.data.train_per_task,
                             "test_per_task": t.data.test_per_task},
                    "adapter": HOSTS[t.name], "settings": [attrs.asdict(s) for s in t.settings]}
-                  for t in tasks(args.quick)],
+                  for t in selected],
         "optim": {"lr": 5e-3, "weight_decay": 0.01, "warmup": 0.1, "schedule": "cosine"},
         "summary": summary, "results": results,
     }
-    print(f"\nwrote {write_json('sparse', payload, args.out)} and {plot(summary, args.out)} in {elapsed:.0f} s")
+    written = write_json(args.name, payload, args.out), plot(summary, args.out, args.name)
+    print(f"\nwrote {written[0]} and {written[1]} in {elapsed:.0f} s")
     return 0
 
 

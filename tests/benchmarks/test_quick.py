@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -123,3 +124,79 @@ def test_transfer_quick(tmp_path: Any) -> None:
     }
     for res in results:
         assert res["trainable_per_task"] == expected[res["method"]], res
+
+
+# --- the committed full runs and the page that shows them ------------------------------
+
+DOCS = os.path.join(ROOT, "docs")
+
+
+def committed(name: str) -> dict[str, Any]:
+    with open(os.path.join(DOCS, "benchmarks", f"{name}.json")) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def tables(page: str) -> list[list[list[str]]]:
+    """The Markdown tables of a page: rows of stripped cells (bold marks removed), header first."""
+    found: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    with open(os.path.join(DOCS, page), encoding="utf-8") as f:
+        for line in [*f.read().splitlines(), ""]:
+            if line.startswith("|"):
+                cells = [c.strip().replace("**", "") for c in line.strip().strip("|").split("|")]
+                if not set("".join(cells)) <= set("-: "):
+                    current.append(cells)
+            elif current:
+                found.append(current)
+                current = []
+    return found
+
+
+def cell(row: dict[str, Any]) -> str:
+    return f"{row['macro_f1']:.3f} ± {row['macro_f1_std']:.3f}"
+
+
+def test_committed_results_are_full_runs_with_every_variant() -> None:
+    sparse, long, transfer = committed("sparse"), committed("sparse_long"), committed("transfer")
+    for payload in (sparse, long, transfer):
+        assert payload["mode"] == "full" and payload["seeds"] == [0, 1, 2]
+        check_metrics(payload["results"])
+    assert {(r["task"], r["setting"], r["variant"]) for r in sparse["results"]} == {
+        (t, s, v) for t in ("digits", "airline") for s in ("full", "10-shot") for v in sparse["variants"]
+    }
+    assert len(sparse["results"]) == 2 * 2 * 4 * 3 and len(transfer["results"]) == 2 * 2 * 5 * 3
+    assert {r["method"] for r in transfer["results"]} == set(transfer["methods"])
+    # the budget sweep is the same 10-shot cells with four times the steps
+    base = {(r["task"], r["variant"], r["seed"]): r for r in sparse["results"] if r["setting"] == "10-shot"}
+    for r in long["results"]:
+        assert r["steps"] == 4 * base[(r["task"], r["variant"], r["seed"])]["steps"]
+
+
+def test_benchmarks_page_shows_the_committed_numbers() -> None:
+    sparse = {(r["task"], r["setting"], r["variant"]): r for r in committed("sparse")["summary"]}
+    long = {(r["task"], r["setting"], r["variant"]): r for r in committed("sparse_long")["summary"]}
+    long_steps = {r["task"]: r["steps"] for r in committed("sparse_long")["results"]}
+    transfer = {(r["domain"], r["k"], r["method"]): r for r in committed("transfer")["summary"]}
+    variants = ["adapter", "mosa", "mosa-noreg", "hierarchical"]
+    methods = ["shared-lora", "poly", "mhr", "mhr-z", "mhr-mu"]
+    checked = 0
+    for table in tables("benchmarks.md"):
+        header = table[0]
+        for row in table[1:]:
+            if header[:2] == ["task", "setting"]:
+                for variant, value in zip(variants, row[4:], strict=True):
+                    assert value == cell(sparse[(row[0], row[1], variant)]), (row, variant)
+                    checked += 1
+            elif header[:2] == ["task (10-shot)", "steps"]:
+                source = long if int(row[1]) == long_steps[row[0]] else sparse
+                for variant, value in zip(["adapter", "mosa", "hierarchical"], row[2:5], strict=True):
+                    assert value == cell(source[(row[0], "10-shot", variant)]), (row, variant)
+                    checked += 1
+            elif header[:2] == ["held out", "k"]:
+                for method, value in zip(methods, row[2:], strict=True):
+                    assert value == cell(transfer[(row[0], int(row[1]), method)]), (row, method)
+                    checked += 1
+    assert checked == 16 + 12 + 30
+    with open(os.path.join(DOCS, "benchmarks.md"), encoding="utf-8") as f:
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", f.read())
+    assert images and all(os.path.exists(os.path.join(DOCS, image)) for image in images)
