@@ -133,6 +133,15 @@ def pages() -> list[str]:
     return sorted(found)
 
 
+def assets() -> list[str]:
+    """Images and result files under docs/ (e.g. ``benchmarks/*.png``), build output excluded."""
+    found = []
+    for root, dirs, files in os.walk(DOCS):
+        dirs[:] = [d for d in dirs if d not in ("_build", "examples")]
+        found += [os.path.relpath(os.path.join(root, f), DOCS) for f in files if f.endswith((".png", ".svg", ".json"))]
+    return sorted(found)
+
+
 def _to_html(text: str) -> str | None:
     try:
         import markdown  # type: ignore[import-untyped]
@@ -223,6 +232,9 @@ def render(out_dir: str) -> bool:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(content)
+    for rel in assets():  # plots and result files the pages show or link, copied as they are
+        os.makedirs(os.path.dirname(os.path.join(out_dir, rel)), exist_ok=True)
+        shutil.copyfile(os.path.join(DOCS, rel), os.path.join(out_dir, rel))
     return as_html
 
 
