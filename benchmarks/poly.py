@@ -13,7 +13,7 @@ equal. Every figure is the median of interleaved rounds after warm-up.
 * a collapsed and folded per-task adapter vs the bare model (eval);
 * step-time growth from H=1 to H=64 and from K=4 to K=32, ours vs PEFT (MiniLM).
 
-Usage: ``python benchmarks/poly.py [--rounds 12] [--quick] [--no-compile] [--threads 1] [--device cuda]``;
+Usage: ``python benchmarks/poly.py [--rounds 12] [--quick] [--no-compile] [--threads 1] [--models minilm,t5]``;
 prints tables and writes ``benchmarks/results/poly.json``.
 """
 
@@ -348,18 +348,25 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--models", default="minilm,t5", help="comma-separated subset of minilm,t5")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)  # --quick: one thread unless told, steady on a busy machine
     device = torch.device(args.device)
     rounds = 3 if args.quick else args.rounds
     batch, seq = (4, 16) if args.quick else (32, 64)
     tasks, skills, r = 8, 4, 8
     torch.manual_seed(0)
 
-    setups = [("minilm", load_minilm(), ["query", "value"]), ("t5", build_t5(), ["q", "v"])]
+    wanted = set(args.models.split(","))
+    setups = [("minilm", load_minilm(), ["query", "value"])]  # MiniLM also hosts the growth section
+    if "t5" in wanted:
+        setups.append(("t5", build_t5(), ["q", "v"]))
+    run_minilm = "minilm" in wanted
     eager, compiled, folded, parity = [], [], [], {}
     for name, base, targets in setups:
+        if name == "minilm" and not run_minilm:
+            continue
         inputs = inputs_for(name, batch, seq, device)
         for heads in (1, 8):
             label = f"{name} H={heads}"
