@@ -14,12 +14,19 @@ tensor is aligned. Metadata keys:
 ``adapterkit.extra``      JSON list of the tensors stored beside an adapter that are not
                           part of it (e.g. a classifier head); ``load`` skips them
 ``adapterkit.writer``     ``adapterkit <version>`` that wrote the file
-``adapterkit.sha256``     JSON ``{tensor: sha256 hex of its bytes}``: the tensor data digest,
-                          per tensor so a partial load can verify what it fetched
+``adapterkit.xxh3_128``   JSON ``{tensor: XXH3-128 hex of its bytes}``: the tensor data
+                          digest, per tensor so a partial load can verify what it fetched
+                          (format 1 files carry ``adapterkit.sha256`` instead; both load)
 ``adapterkit.digest``     ``sha256:<hex>`` over the canonical header (tensor names,
                           dtypes, shapes, offsets, and every other metadata key, the
                           per-tensor digests included): so one digest covers the header
                           and, through the per-tensor digests, all tensor data
+
+Why XXH3 for the data: verifying must not cost more than reading. XXH3-128 hashes at
+memory speed (~18 GB/s on one core here, sha256 ~1.7 GB/s) and catches truncation, flipped
+bits and mixed writes. Neither hash would prove the file untampered, as the digests sit
+in the file itself: pin the header digest elsewhere for provenance (and know that XXH3,
+unlike sha256, is not collision resistant against a deliberate forger).
 
 Other metadata keys are the caller's (e.g. ``name``, ``task``).
 """
@@ -30,15 +37,16 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import torch
+import xxhash
 
 from .errors import StorageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PREFIX = "adapterkit."
 KEY_FORMAT = "adapterkit.format"
 KEY_CONTENT = "adapterkit.content"
@@ -47,7 +55,8 @@ KEY_PLUGINS = "adapterkit.plugins"
 KEY_SITES = "adapterkit.sites"
 KEY_EXTRA = "adapterkit.extra"
 KEY_WRITER = "adapterkit.writer"
-KEY_SHA256 = "adapterkit.sha256"
+KEY_XXH3 = "adapterkit.xxh3_128"
+KEY_SHA256 = "adapterkit.sha256"  # format 1
 KEY_DIGEST = "adapterkit.digest"
 CONTENTS = ("adapter", "tensors")
 
@@ -154,8 +163,21 @@ def header_digest(infos: list[TensorInfo] | Mapping[str, TensorInfo], metadata: 
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def xxh3_hex(data: memoryview | bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
 def sha256_hex(data: memoryview | bytes) -> str:
-    return hashlib.sha256(data).hexdigest()  # releases the GIL: callers hash in threads
+    return hashlib.sha256(data).hexdigest()
+
+
+# metadata key of the per-tensor data digests -> how to compute one (XXH3 is written)
+DATA_DIGESTS: dict[str, Callable[[memoryview | bytes], str]] = {KEY_XXH3: xxh3_hex, KEY_SHA256: sha256_hex}
+
+
+def data_digest_key(header: Header) -> str | None:
+    """The metadata key holding this file's per-tensor data digests, if any."""
+    return next((key for key in DATA_DIGESTS if key in header.metadata), None)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -265,13 +287,13 @@ def verify_header(header: Header, url: str) -> None:
     """An adapterkit file must carry its digests and its header must match its digest."""
     if header.version is None:
         return
-    stored = header.metadata.get(KEY_DIGEST)
-    if stored is None or KEY_SHA256 not in header.metadata:
+    stored, key = header.metadata.get(KEY_DIGEST), data_digest_key(header)
+    if stored is None or key is None:
         raise StorageError(f"{url!r}: adapterkit file without its digest; it was modified or is corrupt")
     if header_digest(header.tensors, header.metadata) != stored:
         raise StorageError(f"{url!r}: header digest mismatch; the header was modified or is corrupt")
     try:
-        digests = header.json_value(KEY_SHA256)
+        digests = header.json_value(key)
     except ValueError:
         digests = None
     if not isinstance(digests, dict) or set(digests) != set(header.tensors):

@@ -8,10 +8,8 @@ merged results, skill inventories.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -23,29 +21,27 @@ from .format import (
     KEY_CONTENT,
     KEY_FORMAT,
     KEY_PLUGINS,
-    KEY_SHA256,
     KEY_WRITER,
+    KEY_XXH3,
     PREFIX,
     Header,
+    DATA_DIGESTS,
     TensorInfo,
+    data_digest_key,
     encode_header,
     layout,
-    sha256_hex,
     verify_header,
 )
 from .io import Buffer, parse_whole, read_all, read_header, read_ranges, write_atomic
 from .urls import Location, resolve
 
-PARALLEL_HASH_BYTES = 8 * 1024 * 1024  # below this a thread pool costs more than it saves
 RANGE_GAP = 1024 * 1024  # fetch small gaps between wanted tensors rather than issue another request
 
 
-def hash_all(views: Sequence[memoryview]) -> list[str]:
-    """sha256 of each view; hashlib releases the GIL, so large sets hash on several cores."""
-    if len(views) > 1 and sum(v.nbytes for v in views) >= PARALLEL_HASH_BYTES:
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            return list(pool.map(sha256_hex, views))
-    return [sha256_hex(v) for v in views]
+def hash_all(views: Sequence[memoryview], key: str = KEY_XXH3) -> list[str]:
+    """The data digest of each view, by the algorithm stored under metadata ``key``."""
+    digest = DATA_DIGESTS[key]
+    return [digest(v) for v in views]
 
 
 def tensor_view(tensor: Tensor) -> memoryview:
@@ -75,7 +71,7 @@ def encode(
         **metadata,
         KEY_FORMAT: str(FORMAT_VERSION),
         KEY_CONTENT: content,
-        KEY_SHA256: json.dumps({i.name: d for i, d in zip(infos, digests, strict=True)}, separators=(",", ":")),
+        KEY_XXH3: json.dumps({i.name: d for i, d in zip(infos, digests, strict=True)}, separators=(",", ":")),
     }
     meta.setdefault(KEY_PLUGINS, "{}")
     meta[KEY_WRITER] = f"adapterkit {_version()}"
@@ -195,10 +191,12 @@ def decode(
         for i, (buf, base) in zip(wanted, pieces, strict=True)
     ]
     if verify:
-        expected = header.json_value(KEY_SHA256)
-        for info, digest in zip(wanted, hash_all(views), strict=True):
+        key = data_digest_key(header)
+        assert key is not None  # check() refused files without digests
+        expected = header.json_value(key)
+        for info, digest in zip(wanted, hash_all(views, key), strict=True):
             if digest != expected[info.name]:
-                raise StorageError(f"{url!r}: tensor {info.name!r} does not match its sha256 digest; "
+                raise StorageError(f"{url!r}: tensor {info.name!r} does not match its data digest; "
                                    "the file is corrupted or was modified")
     out = {}
     with warnings.catch_warnings():

@@ -48,7 +48,7 @@ def torch_pickle(legacy: bool) -> bytes:
 
 def newer_version(_: bytes) -> bytes:
     return safetensors.torch.save(
-        {"x": torch.zeros(2)}, metadata={"adapterkit.format": "2", "adapterkit.content": "adapter"}
+        {"x": torch.zeros(2)}, metadata={"adapterkit.format": "3", "adapterkit.content": "adapter"}
     )
 
 
@@ -72,7 +72,7 @@ BAD: dict[str, tuple[Callable[[bytes], bytes], str, bool]] = {
                   r"the file holds", True),
     "truncated_in_header": (lambda d: d[:300], r"header length [\d,]+ is larger than the file \(300 bytes\)", True),
     "empty": (lambda d: b"", r"is truncated or not safetensors: 0 bytes", True),
-    "flipped_data_byte": (lambda d: flip(d, len(d) - 10), r"tensor '[\w.]+' does not match its sha256 digest; "
+    "flipped_data_byte": (lambda d: flip(d, len(d) - 10), r"tensor '[\w.]+' does not match its data digest; "
                           r"the file is corrupted or was modified", False),
     "corrupt_header_json": (corrupt_json, r"corrupt safetensors header \(Expecting ':' delimiter", True),
     "header_length_too_large": (header_too_long, r"header length [\d,]+ is larger than the file", True),
@@ -82,8 +82,8 @@ BAD: dict[str, tuple[Callable[[bytes], bytes], str, bool]] = {
     "torch_save_legacy": (lambda d: torch_pickle(True), r"is a pickle file \(as torch.save or pickle write\)", True),
     "torch_save_zip": (lambda d: torch_pickle(False), r"is a zip archive \(torch.save writes a pickle inside one\)",
                        True),
-    "newer_format": (newer_version, r"written with adapterkit storage format version 2, but this adapterkit reads "
-                     r"format version 1 at most; upgrade adapterkit", True),
+    "newer_format": (newer_version, r"written with adapterkit storage format version 3, but this adapterkit reads "
+                     r"format version 2 at most; upgrade adapterkit", True),
 }
 
 

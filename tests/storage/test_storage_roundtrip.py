@@ -310,3 +310,37 @@ def test_extra_tensors_beside_the_adapter(memory_url: str) -> None:
         adapterkit.save(model, url, extra_tensors={"0.projections.A.weight": torch.zeros(1)})
     with pytest.raises(StorageError, match="extra_tensors go beside an attached model"):
         adapterkit.save({"x": torch.zeros(1)}, url, extra_tensors=head)
+
+
+def test_format_1_files_with_sha256_digests_still_load_and_verify(tmp_path: Any) -> None:
+    """Format 1 stored sha256 data digests; format 2 stores XXH3-128. Both verify on load."""
+    from adapterkit.storage import format as fmt
+    from adapterkit.storage.io import parse_whole
+
+    model = trained(LORA)
+    path = f"{tmp_path}/v2.safetensors"
+    adapterkit.save(model, path)
+    with open(path, "rb") as file:
+        data = file.read()
+    header = parse_whole(data, path)
+    assert fmt.KEY_XXH3 in header.metadata and fmt.KEY_SHA256 not in header.metadata
+    payload = data[header.header_size:]
+    infos = sorted(header.tensors.values(), key=lambda i: i.offsets)
+    meta = {k: v for k, v in header.metadata.items() if k != fmt.KEY_XXH3}
+    meta[fmt.KEY_FORMAT] = "1"
+    meta[fmt.KEY_SHA256] = json.dumps({i.name: hashlib.sha256(payload[i.offsets[0]:i.offsets[1]]).hexdigest()
+                                       for i in infos})
+    old = f"{tmp_path}/v1.safetensors"
+    with open(old, "wb") as file:
+        file.write(fmt.encode_header(infos, meta) + payload)
+
+    assert adapterkit.inspect(old).format_version == 1
+    fresh = adapterkit.attach(base_model(), LORA)
+    adapterkit.load(old, fresh)
+    assert_same_adapter(fresh, model)
+    corrupt = bytearray(fmt.encode_header(infos, meta) + payload)
+    corrupt[-3] ^= 0x01
+    with open(old, "wb") as file:
+        file.write(corrupt)
+    with pytest.raises(StorageError, match="does not match its data digest"):
+        adapterkit.load(old, adapterkit.attach(base_model(), LORA))
