@@ -32,7 +32,7 @@ from .format import (
     layout,
     verify_header,
 )
-from .io import Buffer, parse_whole, read_all, read_header, read_ranges, write_atomic
+from .io import Buffer, parse_whole, read_all, read_header, read_ranges, writable_copy, write_atomic
 from .urls import Location, resolve
 
 RANGE_GAP = 1024 * 1024  # fetch small gaps between wanted tensors rather than issue another request
@@ -170,7 +170,7 @@ def fetch(
             spans.append([start, end])
     blobs: list[Buffer] = list(read_ranges(loc, [(s, e) for s, e in spans]))
     if writable:
-        blobs = [bytearray(blob) for blob in blobs]
+        blobs = [writable_copy(blob) for blob in blobs]
     out = []
     for info in wanted:
         start = header.header_size + info.offsets[0]

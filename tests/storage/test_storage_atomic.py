@@ -20,7 +20,8 @@ from storage_helpers import LORA, assert_same_adapter, base_model, trained
 import adapterkit
 
 # A child that builds a large adapter (16 LoRA sites of rank 2048 on 1024x1024: 256 MiB)
-# and saves it to argv[1]; argv[2] is an optional S3 endpoint.
+# filled with ones (so any zero byte in its data was never written) and saves it to
+# argv[1]; argv[2] is an optional S3 endpoint.
 BIG_SAVER = textwrap.dedent("""
     import sys, torch, adapterkit
     from torch import nn
@@ -29,6 +30,9 @@ BIG_SAVER = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(16)])
     adapterkit.attach(model, {"adapter": {"kind": "lora", "targets": ["re:\\\\d+"], "r": 2048}})
+    with torch.no_grad():
+        for tensor in adapterkit.adapter_state_dict(model).values():
+            tensor.fill_(1.0)
     print("saving", flush=True)
     adapterkit.save(model, url, storage_options=options)
     print("saved", flush=True)
@@ -65,8 +69,10 @@ def test_sigkill_mid_write_keeps_previous_local_adapter(tmp_path: Any) -> None:
             break
     assert partial is not None, "the child never started writing"
     kill(proc)
-    size = os.path.getsize(f"{folder}/{partial}")
-    assert 0 < size < 256 * 2**20, "killed mid-write: a partial temp file"
+    with open(f"{folder}/{partial}", "rb") as file:
+        file.seek(-4096, os.SEEK_END)  # blocks may be reserved up front: an unwritten tail reads as zeros
+        short = os.path.getsize(f"{folder}/{partial}") < 256 * 2**20
+        assert short or file.read() == bytes(4096), "killed mid-write: a partial temp file"
     with open(url, "rb") as file:
         assert file.read() == before  # the final name still holds the previous adapter, whole
     fresh = base_model()
