@@ -13,8 +13,8 @@ equal. Every figure is the median of interleaved rounds after warm-up.
 * a collapsed and folded per-task adapter vs the bare model (eval);
 * step-time growth from H=1 to H=64 and from K=4 to K=32, ours vs PEFT (MiniLM).
 
-Usage: ``python benchmarks/poly.py [--rounds 12] [--quick] [--no-compile] [--threads 1] [--models minilm,t5]``;
-prints tables and writes ``benchmarks/results/poly.json``.
+Usage: ``python benchmarks/poly.py [--rounds 12] [--quick] [--no-compile] [--threads 1] [--models minilm,t5]
+[--out DIR]``; prints tables and writes ``poly.json`` (default folder ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--models", default="minilm,t5", help="comma-separated subset of minilm,t5")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)  # --quick: one thread unless told, steady on a busy machine
@@ -401,7 +402,8 @@ def main() -> None:
     print_table("step-time growth", ratios, ["growth", "floor", "peft", "ours"])
     path = write_json("poly", {"device": str(device), "batch": [batch, seq], "rounds": rounds, "r": r, "tasks": tasks,
                                "skills": skills, "parity": parity, "eager": eager, "compiled": compiled,
-                               "folded": folded, "growth": growth, "growth_ratios": ratios, "quick": args.quick})
+                               "folded": folded, "growth": growth, "growth_ratios": ratios, "quick": args.quick},
+                      args.out)
     print(f"\nwrote {path}")
 
 
