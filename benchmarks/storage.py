@@ -21,7 +21,9 @@ What each variant does:
 Ratio = raw time / adapterkit time (1.0: as fast as raw fsspec; target >= 0.8). Variants
 are interleaved; medians of several rounds after warm-up.
 
-    python benchmarks/storage.py [--sizes 8,64] [--rounds 9] [--s3-rounds 5]
+    python benchmarks/storage.py [--sizes 8,64] [--rounds 9] [--s3-rounds 5] [--quick] [--out DIR]
+
+``--quick`` is a smoke run (one 8 MiB adapter, 3 rounds everywhere; ratios are noisy).
 """
 
 from __future__ import annotations
@@ -120,7 +122,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,64", help="adapter sizes in MiB, comma separated")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--s3-rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one 8 MiB adapter, 3 rounds (smoke test)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds, args.s3_rounds = "8", 3, 3
     server, s3_options = start_moto()
     rows: list[dict[str, Any]] = []
     try:
@@ -135,7 +141,7 @@ def main() -> None:
         server.stop()
     columns = ["backend", "size_MB", "op", "ours_s", "raw_s", "ours_MBps", "raw_MBps", "ratio"]
     print_table("adapterkit storage vs raw fsspec (ratio = raw time / adapterkit time; target >= 0.8)", rows, columns)
-    path = write_json("storage", {"rows": rows, "definitions": __doc__})
+    path = write_json("storage", {"args": vars(args), "rows": rows, "definitions": __doc__}, args.out)
     print(f"\nwrote {path}")
 
 
