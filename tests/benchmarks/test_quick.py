@@ -200,3 +200,19 @@ def test_benchmarks_page_shows_the_committed_numbers() -> None:
     with open(os.path.join(DOCS, "benchmarks.md"), encoding="utf-8") as f:
         images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", f.read())
     assert images and all(os.path.exists(os.path.join(DOCS, image)) for image in images)
+
+
+def test_speed_summary_on_the_page_matches_the_committed_run() -> None:
+    """The speed table on the page is the committed full run's summary, row for row."""
+    speed = committed("speed")
+    assert speed["mode"] == "full" and not speed["failed"]
+    for run in speed["runs"].values():  # the sub-results it summarises are committed beside it
+        assert os.path.exists(os.path.join(DOCS, "benchmarks", run["file"]))
+    expected = {(r["area"], r["measure"]): r for r in speed["summary"]}
+    shown = [row for table in tables("benchmarks.md") if table[0][:3] == ["area", "measure", "ratio"]
+             for row in table[1:]]
+    assert len(shown) == len(expected)
+    for area, measure, ratio, target, met, *_ in shown:
+        row = expected[(area, measure)]
+        assert ratio == f"{row['ratio']:.3f}" and target == (row["target"] or "")
+        assert met == {None: "", True: "yes", False: "no"}[row["met"]]
