@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .errors import StorageError
 from .format import (
+    DATA_DIGESTS,
     FORMAT_VERSION,
     KEY_CONTENT,
     KEY_FORMAT,
@@ -25,7 +26,6 @@ from .format import (
     KEY_XXH3,
     PREFIX,
     Header,
-    DATA_DIGESTS,
     TensorInfo,
     data_digest_key,
     encode_header,
