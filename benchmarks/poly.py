@@ -7,8 +7,10 @@ and the floor are converted from the PEFT model) and their eval outputs are chec
 equal. Every figure is the median of interleaved rounds after warm-up.
 
 * eager training step (forward + backward + AdamW) and eval latency, mixed-task batches
-  (random ids) and single-task batches (PEFT and the floor get the repeated id; ours is
-  timed with the repeated id and with one id for the batch, ``route(model, t)``);
+  (random ids) and single-task batches: PEFT gets the repeated id (it has no other
+  way), the floor one id for the batch (its fastest path), ours both (``ours s`` with
+  the repeated id, ``ours one id s`` with ``route(model, t)``), so ``ours/peft`` and
+  ``one id/floor`` compare like with like;
 * compiled (``torch.compile``; ours ``fullgraph=True``) vs PEFT compiled;
 * a collapsed and folded per-task adapter vs the bare model (eval; minima, with an A/A
   control: the bare model against a copy of itself);
