@@ -93,9 +93,7 @@ def read_all(loc: Location, *, writable: bool) -> Buffer:
 def writable_copy(data: Buffer) -> memoryview:
     """A mutable copy. numpy allocates large buffers on huge pages, which makes this copy
     2.5x faster than ``bytearray(data)`` here (fewer page faults on fresh memory)."""
-    out = numpy.empty(len(memoryview(data).cast("B")), dtype=numpy.uint8)
-    out[:] = numpy.frombuffer(data, dtype=numpy.uint8)
-    return out.data
+    return numpy.frombuffer(data, dtype=numpy.uint8).copy().data
 
 
 def parse_whole(data: Buffer, url: str) -> Header:

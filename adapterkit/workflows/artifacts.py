@@ -108,15 +108,19 @@ def save_artifact(
         state.recipe = saved
 
 
-def folded_state(classifier: Classifier) -> dict[str, Tensor]:
-    """The state of every site a merger replaced by a plain module (a folded base layer)."""
+def attached_modules(classifier: Classifier) -> list[tuple[str, torch.nn.Module]]:
+    """The module now at each attached site: still an ``AdapterSite``, or what a merger left."""
     summary = state_of(classifier.body).summary
     assert summary is not None
+    return [(site.name, classifier.body.get_submodule(site.name)) for site in summary.sites]
+
+
+def folded_state(classifier: Classifier) -> dict[str, Tensor]:
+    """The state of every site a merger replaced by a plain module (a folded base layer)."""
     out: dict[str, Tensor] = {}
-    for site in summary.sites:
-        module = classifier.body.get_submodule(site.name)
+    for name, module in attached_modules(classifier):
         if not isinstance(module, AdapterSite):
-            out.update({f"folded.{site.name}.{k}": v for k, v in module.state_dict().items()})
+            out.update({f"folded.{name}.{k}": v for k, v in module.state_dict().items()})
     return out
 
 
@@ -203,15 +207,12 @@ def load_artifact(
 
 def merged_state(classifier: Classifier) -> dict[str, Tensor]:
     """The state of every merged site (whatever module the merger left) plus the head."""
-    summary = state_of(classifier.body).summary
-    assert summary is not None
     out: dict[str, Tensor] = {}
-    for site in summary.sites:
-        module = classifier.body.get_submodule(site.name)
+    for name, module in attached_modules(classifier):
         state = module.state_dict()
         if isinstance(module, AdapterSite):  # still a site: its frozen base is not ours to save
             state = {k: v for k, v in state.items() if not k.startswith("base.")}
-        out.update({f"body.{site.name}.{k}": v for k, v in state.items()})
+        out.update({f"body.{name}.{k}": v for k, v in state.items()})
     out.update({f"head.{k}": v for k, v in classifier.head.state_dict().items()})
     return out
 
