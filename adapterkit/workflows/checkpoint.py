@@ -4,8 +4,9 @@ Tensors: the trained state (adapter tensors, head) under ``model.``, the optimiz
 state under ``optim.<param>.<key>``. Metadata (JSON): the step, the optimizer's
 param groups and scalar state, the scheduler state, the world size and the config
 fingerprint. No pickle: a checkpoint loads with :func:`adapterkit.storage.load_tensors`
-like any adapter. The RNG needs no state: both streams are re-derived from
-``(seed, step)`` at every step (see :mod:`adapterkit.workflows.distributed`).
+like any adapter. No secrets: the fingerprint holds no storage options or credentials.
+The RNG needs no state: both streams are re-derived from ``(seed, step)`` at every
+step (see :mod:`adapterkit.workflows.distributed`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from torch import Tensor
 from ..errors import AdapterkitError
 from ..storage import inspect, load_tensors, save_tensors
 from ..zoo import Classifier
+from .config import without_secrets
 from .models import load_trainable_state, trainable_state
 
 KEY = "checkpoint"
 
 
 def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config a resumed run must share (not outputs, logging or device)."""
+    """The parts of a config a resumed run must share (not outputs, logging or device),
+    without storage options or credentials (:func:`~.config.without_secrets`): the
+    checkpoint stores it, and a run resumed with rotated keys is the same run."""
+    config = without_secrets(config)
     train = {k: v for k, v in config.get("train", {}).items() if k not in ("device", "log_every", "threads")}
     keep = {k: config.get(k) for k in ("recipe", "model", "data", "optim")}
     return {**keep, "train": train}

@@ -45,6 +45,7 @@ Unknown keys, wrong types and malformed TOML are one-line :class:`ConfigError` s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,15 +168,123 @@ class WorkflowConfig:
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     output: OutputConfig = attrs.field(factory=OutputConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The plain-dict form :func:`from_dict` reads back (stored in artifacts)."""
+    def to_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
+        """The plain-dict form :func:`from_dict` reads back: what artifacts and checkpoints store.
+
+        Without ``include_secrets`` (the default) it holds no storage options and nothing
+        that looks like a credential (see :func:`without_secrets`): files written by a run
+        must not carry its keys. ``include_secrets=True`` is the complete form, for
+        in-memory use only (:func:`with_overrides`); never write it anywhere.
+        """
         out: dict[str, Any] = {"recipe": self.recipe.to_dict()}
         out["model"] = {"backbone": self.model.backbone, **self.model.args}
         data = attrs.asdict(self.data)
         out["data"] = {**{k: v for k, v in data.items() if k != "args"}, **self.data.args}
         for name in ("optim", "train", "eval", "checkpoint", "output"):
             out[name] = {k: v for k, v in attrs.asdict(getattr(self, name)).items() if v is not None}
-        return out
+        return out if include_secrets else without_secrets(out)
+
+
+# -- secrets: what never goes into a file's metadata ----------------------------------
+#
+# Storage options (fsspec's ``storage_options`` and the like: endpoints, keys, tokens)
+# are dropped whole; any other key whose name says credential (key, secret, token,
+# password, auth, signature, ...) is dropped with its value, as is any string whose
+# value looks like one (an AWS access key id, a GitHub/Hugging Face/Slack token, a
+# private key, a JWT); URLs lose their user:password@ part and credential query
+# parameters (presigned-URL signatures). The recipe is kept as it is: it is structure
+# (kinds, roles, sizes), never credentials, and a run is rebuilt from it. A run
+# rebuilt from a file (``eval``, ``merge``, ``adapt``) then reads its data with the
+# credentials of its environment (fsspec config, AWS_* variables, ...).
+
+OPTION_KEYS = frozenset(
+    {"storage_options", "storage_option", "fs_options", "fsspec_options", "filesystem_options", "client_kwargs"}
+)
+SECRET_WORDS = frozenset(
+    {
+        "key", "keys", "apikey", "secret", "secrets", "token", "tokens", "password", "passwords", "passwd",
+        "pwd", "passphrase", "credential", "credentials", "creds", "auth", "authorization", "signature", "sig",
+        "sas", "cookie", "cookies", "bearer", "oauth",
+    }
+)
+_SECRET_VALUES = re.compile(
+    r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{12,}\b"  # AWS access key ids
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"  # GitHub tokens
+    r"|\bgithub_pat_[A-Za-z0-9_]{20,}"
+    r"|\bhf_[A-Za-z0-9]{20,}"  # Hugging Face tokens
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|\bAIza[0-9A-Za-z_-]{30,}"  # Google API keys
+    r"|\bsk-[A-Za-z0-9_-]{20,}"  # OpenAI-style secret keys
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
+    r"|\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\."  # JWTs
+)
+_URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@?#]*@)?(?P<rest>.*)$", re.S)
+
+
+def _words(name: str) -> list[str]:
+    """``awsSecretAccessKey`` / ``X-Amz-Credential`` / ``api_key`` -> lower-case words."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    return [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
+
+
+def is_secret_name(name: str) -> bool:
+    """Does a key name say storage options or a credential?"""
+    lowered = name.lower()
+    return lowered in OPTION_KEYS or lowered.endswith("storage_options") or bool(SECRET_WORDS & set(_words(name)))
+
+
+def looks_secret(value: str) -> bool:
+    """Does a string's value look like a credential (a known token format)?"""
+    return bool(_SECRET_VALUES.search(value))
+
+
+def _clean_url(value: str) -> str:
+    """A URL without ``user:password@`` and without credential query parameters (each
+    part of a chained fsspec URL, ``simplecache::s3://...``, alike)."""
+    if "::" in value:
+        return "::".join(_clean_url(part) for part in value.split("::"))
+    match = _URL.match(value)
+    if match is None:
+        return value
+    rest = match["rest"]
+    if "?" in rest:
+        head, _, query = rest.partition("?")
+        query, hash_, fragment = query.partition("#")
+        kept = [p for p in query.split("&") if p and not is_secret_name(p.split("=", 1)[0])]
+        rest = head + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+    return match["scheme"] + rest
+
+
+def _scrub(value: Any) -> tuple[bool, Any]:
+    """(keep?, cleaned value) for one value of a config table."""
+    if isinstance(value, str):
+        cleaned = _clean_url(value)  # a URL keeps its place once its credentials are gone
+        return (False, None) if looks_secret(cleaned) else (True, cleaned)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if is_secret_name(str(key)):
+                continue
+            keep, cleaned = _scrub(item)
+            if keep:
+                out[key] = cleaned
+        return True, out
+    if isinstance(value, (list, tuple)):
+        kept = [cleaned for keep, cleaned in map(_scrub, value) if keep]
+        return True, type(value)(kept) if isinstance(value, tuple) else kept
+    return True, value
+
+
+def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict (:meth:`WorkflowConfig.to_dict`'s form) with no storage options and
+    nothing that looks like a credential in any section but the recipe (kept as is)."""
+    out: dict[str, Any] = {}
+    for section, table in config.items():
+        if section == "recipe":
+            out[section] = table
+        else:
+            out[section] = _scrub(table)[1]
+    return out
 
 
 SECTIONS: dict[str, type] = {
@@ -268,7 +377,7 @@ def load(url: str, storage_options: Mapping[str, Any] | None = None) -> Workflow
 
 def with_overrides(config: WorkflowConfig, overrides: Mapping[str, Any]) -> WorkflowConfig:
     """A copy with ``section.key = value`` overrides (e.g. from ``--set train.steps=5``)."""
-    data = config.to_dict()
+    data = config.to_dict(include_secrets=True)  # in memory only: the new config keeps its options
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         _check(bool(key), f"override {dotted!r} must look like section.key=value")
