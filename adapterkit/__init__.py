@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
-from .attach import adapter_state_dict, attach, merge, route, sites, summary
+from .attach import (
+    adapt,
+    adapter_state_dict,
+    attach,
+    detach,
+    disabled,
+    folded_sites,
+    history,
+    is_attached,
+    merge,
+    recipe_of,
+    route,
+    sites,
+    summary,
+    unmerge,
+)
 from .errors import AdapterkitError, AttachError, RecipeError, RoutingError, UnknownNameError
 from .hookspecs import hookimpl
 from .plugins import PluginHost, get_host
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
-from .roles import Merger, Partition, Projection, ProjectionSpec, Router, Sampler, Splitter
+from .roles import AdaptMode, Folded, LossTerm, Merger, Partition, Projection, ProjectionSpec, Router, Sampler, Splitter
 from .site import AdapterSite
 from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptMode",
     "AdapterInfo",
     "AdapterSite",
     "AdapterkitError",
     "AttachError",
+    "Folded",
+    "LossTerm",
     "Merger",
     "Partition",
     "PluginHost",
@@ -34,19 +52,27 @@ __all__ = [
     "Splitter",
     "StorageError",
     "UnknownNameError",
+    "adapt",
     "adapter_state_dict",
     "attach",
     "cp",
+    "detach",
+    "disabled",
+    "folded_sites",
     "get_host",
+    "history",
     "hookimpl",
     "inspect",
+    "is_attached",
     "load",
     "load_tensors",
     "ls",
     "merge",
+    "recipe_of",
     "route",
     "save",
     "save_tensors",
     "sites",
     "summary",
+    "unmerge",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -15,8 +16,8 @@ from torch import Tensor, nn
 
 from .errors import AdapterkitError, AttachError, RecipeError, RoutingError
 from .plugins import PluginHost, get_host
-from .recipe import Recipe, build_config
-from .roles import Merger
+from .recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe, build_config
+from .roles import AdaptMode, Folded, Merger
 from .site import AdapterSite, RoutingState
 
 log = logging.getLogger("adapterkit")
@@ -51,11 +52,24 @@ class AttachSummary:
 
 @attrs.define
 class AttachState:
-    """Kept on the model under ``_adapterkit``: the recipe, its resolved roles and sites."""
+    """Kept on the model under ``_adapterkit``: what the model holds now and how it got there.
 
-    recipe: Recipe
+    ``recipe`` describes the adapter sites the model holds now (``None`` once every site
+    was folded); ``folded`` holds the plain single-skill sites whose updates were added to
+    their base weights. ``history`` records each step (attach, merge, adapt) with the
+    plugin and version that made it. ``originals`` and ``requires_grad`` are what
+    :func:`detach` restores.
+    """
+
+    recipe: Recipe | None
+    origin: Recipe
     routing: RoutingState
-    n_tasks: int | None
+    originals: dict[str, nn.Module]
+    requires_grad: dict[str, bool]
+    folded: dict[str, AdapterSite] = attrs.field(factory=dict)
+    history: list[dict[str, Any]] = attrs.field(factory=list)
+    undo: list[tuple[dict[str, nn.Module], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
+    n_tasks: int | None = None
     summary: AttachSummary | None = None
 
 
@@ -94,30 +108,14 @@ def find_sites(model: nn.Module, targets: Sequence[str]) -> list[str]:
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _role(host: PluginHost, role: str, recipe: Recipe) -> tuple[type, Any]:
     spec = recipe.role(role)
     cls = host.registries[role][spec.name]
     return cls, build_config(cls, spec.args, f"{role} {spec.name!r}")
 
 
-def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:
-    """Inject the recipe's adapters into ``model`` in place, freeze the base, return the model.
-
-    Every problem (unknown plugin name, bad argument, no matching site, a site whose
-    shape does not fit) raises before the model is touched, naming the site and reason.
-    ``adapterkit.summary(model)`` tells the sites and trainable parameters.
-    """
-    if isinstance(recipe, dict):
-        recipe = Recipe.from_dict(recipe)
-    if hasattr(model, STATE_ATTR):
-        raise AttachError(None, "model already has adapters attached; detach or use a fresh model")
-    host = host or get_host()
+def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: PluginHost) -> dict[str, AdapterSite]:
+    """The recipe's sites for the modules ``names`` of ``model``, without installing them."""
     kind_cls = host.kinds[recipe.kind]
     kind_config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
     splitter_cls, splitter_cfg = _role(host, "splitter", recipe)
@@ -126,39 +124,81 @@ def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHos
     merger_cls, merger_cfg = _role(host, "merger", recipe)
     splitter, sampler = splitter_cls(splitter_cfg), sampler_cls(sampler_cfg)
     merger_cls(merger_cfg)  # validated now, used by merge()
+    routing = RoutingState()
+    generator = torch.Generator().manual_seed(recipe.seed)
+    out: dict[str, AdapterSite] = {}
+    for name in names:
+        try:
+            out[name] = kind_cls(
+                model.get_submodule(name), kind_config, name=name, skills=recipe.skills, splitter=splitter,
+                sampler=sampler, routing=routing, generator=generator,
+                make_router=functools.partial(router_cls, router_cfg, skills=recipe.skills, generator=generator),
+            )
+        except (ValueError, RecipeError) as exc:
+            raise AttachError(name, str(exc)) from None
+    return out
 
+
+def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:
+    """Inject the recipe's adapters into ``model`` in place, freeze the base, return the model.
+
+    Every problem (unknown plugin name, bad argument, no matching site, a site whose
+    shape does not fit) raises before the model is touched, naming the site and reason.
+    ``adapterkit.summary(model)`` tells the sites and trainable parameters;
+    :func:`detach` gives the original model back.
+    """
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
+    if hasattr(model, STATE_ATTR):
+        raise AttachError(None, "model already has adapters attached; "
+                                "adapterkit.detach(model) first, or use a fresh model")
+    host = host or get_host()
+    build_sites(model, recipe, (), host)  # unknown names and bad arguments fail before the targets
     names = find_sites(model, recipe.targets)
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:6]
         raise AttachError(None, f"no module matches targets {list(recipe.targets)}; module names look like {sample}")
+    new_sites = build_sites(model, recipe, names, host)
 
-    routing = RoutingState()
-    generator = torch.Generator().manual_seed(recipe.seed)
-    sites: dict[str, AdapterSite] = {}
-    for name in names:
-        base = model.get_submodule(name)
-        try:
-            site = kind_cls(
-                base, kind_config, name=name, skills=recipe.skills, splitter=splitter, sampler=sampler,
-                make_router=functools.partial(router_cls, router_cfg, skills=recipe.skills, generator=generator),
-                routing=routing, generator=generator,
-            )
-        except (ValueError, RecipeError) as exc:
-            raise AttachError(name, str(exc)) from None
-        sites[name] = site
-
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    originals = {name: model.get_submodule(name) for name in names}
     for param in model.parameters():
         param.requires_grad_(False)
-    for name, site in sites.items():
+    for name, site in new_sites.items():
         for param in site.adapter_parameters():
             param.requires_grad_(True)
-        _set_submodule(model, name, site)
+        model.set_submodule(name, site)
 
-    state = AttachState(recipe=recipe, routing=routing, n_tasks=getattr(router_cfg, "tasks", None))
+    routing = next(iter(new_sites.values())).routing
+    state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites))
+    state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
-    state.summary = _summarize(model, recipe, sites)
+    state.summary = _summarize(model, recipe, new_sites)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
+
+
+def method_name(recipe: Recipe) -> str:
+    """Kind plus every non-default role name, once each (``lora+mosa``, ``lora+mhr+poly``)."""
+    roles = [recipe.role(r).name for r in ROLES if recipe.role(r).name != DEFAULT_ROLE_NAMES[r]]
+    return "+".join(dict.fromkeys([recipe.kind, *roles]))
+
+
+def providers(recipe: Recipe, host: PluginHost | None = None) -> dict[str, str]:
+    """``{plugin: version}`` of the plugins supplying the recipe's kind and roles."""
+    host = host or get_host()
+    versions = host.plugin_versions()
+    used = [("kind", recipe.kind), *((role, recipe.role(role).name) for role in ROLES)]
+    out = {}
+    for role, name in used:
+        plugin = host.registries[role].provider(name)
+        out[plugin] = versions.get(plugin, "unknown")
+    return out
+
+
+def _n_tasks(found: Mapping[str, AdapterSite]) -> int | None:
+    counts = {s.router.n_tasks for s in found.values() if s.router.needs_task_ids} - {None}
+    return min(counts) if counts else None  # type: ignore[type-var]
 
 
 def _summarize(model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite]) -> AttachSummary:
@@ -227,17 +267,276 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
 
 
 def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | None = None, **args: Any) -> nn.Module:
-    """Collapse every site with a merger (default: the recipe's) for deployment, in place."""
+    """Collapse every site with a merger (default: the recipe's) for deployment, in place.
+
+    A state transition: every site is merged first (a refused site leaves the model as
+    it was), then the results are installed, folded updates added to their base
+    weights, and the model's recipe becomes the description of what the merge left, so
+    ``save`` writes the merged model and ``load`` onto a fresh base reproduces it.
+    :func:`unmerge` undoes the last merge; :func:`detach` undoes everything.
+    """
     state = state_of(model)
+    current = sites(model)
+    if not current or state.recipe is None:
+        raise AdapterkitError("nothing to merge: every adapter of this model is folded into its base weights")
     host = host or get_host()
     name = merger or state.recipe.merger.name
     cls = host.mergers[name]
     merger_args = args if merger else {**state.recipe.merger.args, **args}
     instance: Merger = cls(build_config(cls, merger_args, f"merger {name!r}"))
-    for site_name, site in sites(model).items():
+    kept: dict[str, AdapterSite] = {}
+    folds: dict[str, tuple[AdapterSite, Tensor]] = {}
+    for site_name, site in current.items():
         try:
-            merged = instance.merge_site(site)
+            result = instance.merge_site(site)
+            if isinstance(result, Folded):
+                folds[site_name] = _plain_fold(result.site)
+            elif isinstance(result, AdapterSite):
+                kept[site_name] = result
+            else:
+                raise ValueError(f"site {site_name!r}: the merger returned {type(result).__name__}, "
+                                 "not an AdapterSite or Folded")
         except ValueError as exc:
             raise AdapterkitError(f"cannot merge with {name!r}: {exc}") from None
-        _set_submodule(model, site_name, merged)
+    recipe = describe(kept, state.origin, host, list(state.originals)) if kept else None
+    state.undo.append((dict(current), state.recipe, dict(state.folded)))
+    _install_folds(model, state, folds)
+    for site_name, site in kept.items():
+        model.set_submodule(site_name, site)
+    state.recipe = recipe
+    state.n_tasks = _n_tasks(kept)
+    state.history.append(_step("merge", name, merger_args, host.mergers.provider(name), host))
     return model
+
+
+@torch.no_grad()
+def _install_folds(model: nn.Module, state: AttachState, folds: Mapping[str, tuple[AdapterSite, Tensor]]) -> None:
+    for site_name, (plain, delta) in folds.items():
+        plain.base.weight += delta.to(plain.base.weight.dtype)  # type: ignore[operator]
+        model.set_submodule(site_name, plain.base)
+        state.folded[site_name] = plain
+
+
+def add_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], *, host: PluginHost | None = None) -> None:
+    """Attach ``recipe`` at the modules ``names`` of an attached model, beside its sites
+    (used by ``load`` to rebuild folded sites before refolding them)."""
+    state = state_of(model)
+    new_sites = build_sites(model, recipe, names, host or get_host())
+    for name, site in new_sites.items():
+        state.originals[name] = site.base
+        model.set_submodule(name, site)
+
+
+def fold_sites(model: nn.Module, names: Sequence[str]) -> None:
+    """Fold the single-skill sites ``names`` into their base weights, as a ``Folded``
+    merger result would (``load`` refolds a saved fold this way: bit-identical)."""
+    state = state_of(model)
+    current = sites(model)
+    try:
+        folds = {name: _plain_fold(current[name]) for name in names}
+    except ValueError as exc:
+        raise AdapterkitError(f"cannot fold: {exc}") from None
+    _install_folds(model, state, folds)
+    if not sites(model):
+        state.recipe, state.n_tasks = None, None
+
+
+def _plain_fold(site: AdapterSite) -> tuple[AdapterSite, Tensor]:
+    """The site to record for a fold (plain: its eval weights) and the update it adds."""
+    delta = site.delta_weight()  # raises with the reason when the site cannot fold
+    plain = site.rebuild(site.mixed_weights())
+    return plain, delta
+
+
+def _step(op: str, name: str, args: Mapping[str, Any], plugin: str, host: PluginHost) -> dict[str, Any]:
+    version = host.plugin_versions().get(plugin, "unknown")
+    return {"op": op, "name": name, "args": _plain(dict(args)), "plugin": plugin, "version": version}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy: tuples become lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@torch.no_grad()
+def _unfold(folded: Mapping[str, AdapterSite]) -> None:
+    for plain in folded.values():
+        plain.base.weight -= plain.delta_weight().to(plain.base.weight.dtype)  # type: ignore[operator]
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo the last :func:`merge`: the sites it replaced come back, folded updates are
+    subtracted from their base weights (exact up to float rounding of ``(W + d) - d``)."""
+    state = state_of(model)
+    if not state.undo:
+        raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
+    before, recipe, folded = state.undo.pop()
+    _unfold({n: s for n, s in state.folded.items() if n not in folded})
+    for site_name, site in before.items():
+        model.set_submodule(site_name, site)
+    state.recipe, state.folded = recipe, folded
+    state.n_tasks = _n_tasks(before)
+    state.history.append({"op": "unmerge"})
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every adapter: the original modules come back at every site, folded updates
+    are subtracted from their base weights (to float tolerance) and every parameter gets
+    its ``requires_grad`` from before :func:`attach`. Returns the model."""
+    state = state_of(model)
+    _unfold(state.folded)
+    for name, original in state.originals.items():
+        model.set_submodule(name, original)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    delattr(model, STATE_ATTR)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the bare base model inside the block: every site's base module stands in for it.
+
+    Refused when updates were folded into base weights (the bare weights are gone until
+    :func:`unmerge` or :func:`detach`)."""
+    state = state_of(model)
+    if state.folded:
+        raise AdapterkitError(f"cannot disable adapters folded into base weights ({_short(state.folded)}); "
+                              "adapterkit.unmerge(model) or adapterkit.detach(model) first")
+    current = sites(model)
+    for name, site in current.items():
+        model.set_submodule(name, site.base)
+    try:
+        yield model
+    finally:
+        for name, site in current.items():
+            model.set_submodule(name, site)
+
+
+def _short(items: Any, limit: int = 4) -> str:
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None = None, **args: Any) -> AdaptMode:
+    """Prepare a trained model for few-shot learning of a new task with an adaptation mode
+    (``adapterkit plugins`` lists them), in place; returns the mode (it may know a compact
+    per-task state, :meth:`~adapterkit.roles.AdaptMode.compact_state`). The model's recipe
+    is re-derived from its sites and the step recorded."""
+    state = state_of(model)
+    host = host or get_host()
+    cls = host.adapt_modes[mode]
+    instance: AdaptMode = cls(build_config(cls, args, f"adaptation mode {mode!r}"))
+    try:
+        instance.prepare(model, seed=seed)
+    except ValueError as exc:
+        raise AdapterkitError(f"cannot adapt with {mode!r}: {exc}") from None
+    current = sites(model)
+    state.recipe = describe(current, state.origin, host, list(state.originals))
+    state.n_tasks = _n_tasks(current)
+    state.undo.clear()  # the sites before adapting are gone for good
+    state.history.append(_step("adapt", mode, {**args, "seed": seed}, host.adapt_modes.provider(mode), host))
+    return instance
+
+
+def replace_sites(model: nn.Module, new: Mapping[str, AdapterSite]) -> None:
+    """Put new sites in place of current ones (for adaptation modes); names must be sites."""
+    current = sites(model)
+    for name, site in new.items():
+        if name not in current:
+            raise AdapterkitError(f"{name!r} is not an adapter site of this model")
+        model.set_submodule(name, site)
+
+
+# --- describing the sites a model holds --------------------------------------------------
+
+
+def describe(
+    found: Mapping[str, AdapterSite], origin: Recipe, host: PluginHost | None = None,
+    attached: Sequence[str] | None = None,
+) -> Recipe:
+    """The recipe that attaching to a fresh base model rebuilds ``found`` from (values aside).
+
+    Derived from the sites themselves: the registered names of their kind, splitter,
+    sampler and router classes (the names ``origin`` used where they still apply) and
+    the arguments in which their configs differ from ``origin``'s; the merger becomes
+    ``identity`` once anything changed. The targets are ``origin``'s when ``found`` are
+    all the ``attached`` sites, else the exact site names. Every site must agree.
+    """
+    host = host or get_host()
+    described = {_describe_site(site, origin, host) for site in found.values()}
+    if len(described) != 1:
+        raise AdapterkitError(f"the sites no longer share one recipe ({len(described)} variants); "
+                              "a merger must leave every site of the same kind and roles")
+    recipe = Recipe.from_dict(json.loads(described.pop()))
+    if attached is not None and set(found) != set(attached):
+        recipe = attrs.evolve(recipe, targets=tuple("re:" + re.escape(n) for n in found))
+    return recipe
+
+
+def _describe_site(site: AdapterSite, origin: Recipe, host: PluginHost) -> str:
+    kind = _registered_name(host, "kind", type(site), origin.kind)
+    given = origin.kind_args if kind == origin.kind else {}
+    data: dict[str, Any] = {
+        "seed": origin.seed,
+        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills,
+                    **_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}")},
+    }
+    for role, obj in (("splitter", site.splitter), ("sampler", site.sampler), ("router", site.router)):
+        spec = origin.role(role)
+        name = _registered_name(host, role, type(obj), spec.name)
+        given = spec.args if name == spec.name else {}
+        data[role] = {"name": name, **_args(obj.config, host.registries[role][name], given, f"{role} {name!r}")}
+    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
+    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
+    return json.dumps(_plain(data), sort_keys=True)
+
+
+def _registered_name(host: PluginHost, role: str, cls: type, preferred: str) -> str:
+    registry = host.registries[role]
+    if preferred in registry and registry[preferred] is cls:
+        return preferred
+    for name in registry:
+        if registry[name] is cls:
+            return name
+    raise AdapterkitError(f"{role} class {cls.__qualname__} is not registered by any plugin, "
+                          "so a file cannot name it; register it in a plugin")
+
+
+def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``given`` updated with every config field whose value differs from what ``given`` builds."""
+    out = dict(given)
+    reference = build_config(cls, given, what)
+    for field in attrs.fields(type(config)):
+        value = getattr(config, field.name)
+        if value != getattr(reference, field.name):
+            out[field.name] = _plain(value)
+    return out
+
+
+def is_attached(model: nn.Module) -> bool:
+    """Whether ``model`` holds adapterkit state (adapters attached, perhaps merged or folded)."""
+    return hasattr(model, STATE_ATTR)
+
+
+def recipe_of(model: nn.Module) -> Recipe | None:
+    """The recipe of the adapter sites the model holds now (``None`` once all are folded)."""
+    return state_of(model).recipe
+
+
+def history(model: nn.Module) -> list[dict[str, Any]]:
+    """The steps that made the model's adapter state (attach, merge, adapt), oldest first,
+    each with the plugin and version that made it."""
+    return [dict(step) for step in state_of(model).history]
+
+
+def folded_sites(model: nn.Module) -> dict[str, AdapterSite]:
+    """The plain sites whose updates were folded into their base weights, by module name
+    (``{}`` for a model without adapterkit state)."""
+    state = getattr(model, STATE_ATTR, None)
+    return dict(state.folded) if state is not None else {}

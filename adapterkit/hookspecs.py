@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import click
 
     from .registry import Registry
-    from .roles import Merger, Router, Sampler, Splitter
+    from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
     from .site import AdapterSite
     from .zoo import Backbone, Dataset
 
@@ -71,6 +71,24 @@ def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
 
     :param registry: add :class:`~adapterkit.roles.Merger` subclasses by name; the
         name is what recipes write in ``[merger] name`` and ``adapterkit merge`` takes.
+    """
+
+
+@hookspec
+def adapterkit_register_adapt_modes(registry: Registry[AdaptMode]) -> None:
+    """Register few-shot adaptation modes (``adapterkit adapt --mode``, :func:`adapterkit.adapt`).
+
+    :param registry: add :class:`~adapterkit.roles.AdaptMode` subclasses by name
+        (e.g. ``"mhr-z"``); a blocked plugin's modes are gone from the CLI too.
+    """
+
+
+@hookspec
+def adapterkit_register_losses(registry: Registry[LossTerm]) -> None:
+    """Register loss terms a method adds in training (workflow config ``[train.loss]``).
+
+    :param registry: add :class:`~adapterkit.roles.LossTerm` subclasses by name
+        (e.g. ``"consistency"``); the workflow config names one with its arguments.
     """
 
 

@@ -25,7 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .registry import Registry
-from .roles import Merger, Router, Sampler, Splitter
+from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
 from .site import AdapterSite
 from .zoo import Backbone, Dataset
 
@@ -42,6 +42,8 @@ ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
     "sampler": ("adapterkit_register_samplers", "sampler", Sampler),
     "router": ("adapterkit_register_routers", "router", Router),
     "merger": ("adapterkit_register_mergers", "merger", Merger),
+    "adapt_mode": ("adapterkit_register_adapt_modes", "adaptation mode", AdaptMode),
+    "loss": ("adapterkit_register_losses", "loss term", LossTerm),
     "backbone": ("adapterkit_register_backbones", "backbone", Backbone),
     "dataset": ("adapterkit_register_datasets", "dataset", Dataset),
 }
@@ -105,6 +107,14 @@ class PluginHost:
         return self.registries["merger"]
 
     @property
+    def adapt_modes(self) -> Registry[AdaptMode]:
+        return self.registries["adapt_mode"]
+
+    @property
+    def losses(self) -> Registry[LossTerm]:
+        return self.registries["loss"]
+
+    @property
     def backbones(self) -> Registry[Backbone]:
         return self.registries["backbone"]
 
@@ -133,7 +143,7 @@ class PluginHost:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not be fatal
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a broken plugin must not be fatal
                 self.failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
                 continue
             version = ep.dist.version if ep.dist is not None else "unknown"

@@ -136,6 +136,12 @@ class Sampler(Configurable):
     def gates(self, partition: Partition, training: bool, device: torch.device) -> Tensor | None:
         return None
 
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in ``[0, 1]``, reported by training loops before each step.
+
+        Scheduled samplers (e.g. coarse-to-fine) override this; the default ignores it.
+        """
+
 
 class Router(Configurable, nn.Module):
     """Per-site module giving skill weights for the examples of a batch.
@@ -156,6 +162,21 @@ class Router(Configurable, nn.Module):
     def check(self, skills: int) -> None:
         """Raise ``ValueError`` when this router cannot serve ``skills`` skills."""
 
+    @property
+    def n_tasks(self) -> int | None:
+        """How many task ids this router serves (ids ``0 .. n_tasks-1``), or ``None`` when
+        it takes no task ids or any. ``route`` validates ids against it once per forward."""
+        return None
+
+    @classmethod
+    def for_tasks(cls, args: Mapping[str, Any], n_tasks: int) -> dict[str, Any]:
+        """Recipe arguments for serving ``n_tasks`` tasks (workflows fill this from the data).
+
+        Routers that route by task override this to set their task count, and raise
+        ``ValueError`` naming both numbers when ``args`` already fixes a different one.
+        """
+        return dict(args)
+
     def forward(self, task_ids: Tensor | None) -> Tensor | None:
         raise NotImplementedError
 
@@ -171,13 +192,67 @@ class SingleSkill(Router):
         return None
 
 
+@attrs.frozen
+class Folded:
+    """What :meth:`Merger.merge_site` returns to fold a single-skill site into its base layer.
+
+    The core adds ``site.delta_weight()`` to the base weight, records the folded site (so
+    ``save`` writes its small factors, ``load`` refolds them and ``detach`` unfolds) and
+    puts the plain base module back in the model.
+    """
+
+    site: AdapterSite
+
+
 class Merger(Configurable):
     """Collapses the skill and cell structure of an attached model into a deployable one.
 
-    Contract: :meth:`merge_site` returns the module that replaces ``site`` (the site
-    itself, a simplified site, or a plain base module) and keeps eval outputs equal to
-    the expectation the method defines.
+    Contract: :meth:`merge_site` returns what replaces ``site``: the site itself, a new
+    site (e.g. ``site.rebuild(site.mixed_weights())``), or :class:`Folded` to fold a
+    single-skill site into its base weight. It must not modify ``site`` or the model:
+    ``adapterkit.merge`` installs every result only after all sites merged, records the
+    step, and derives the recipe of what the merge left from the new sites themselves
+    (kind, role classes and their configs), so ``save`` writes it and ``load`` onto a
+    fresh base model reproduces the merged model. Eval outputs must equal the
+    expectation the method defines.
     """
 
-    def merge_site(self, site: AdapterSite) -> nn.Module:
+    def merge_site(self, site: AdapterSite) -> AdapterSite | Folded:
+        raise NotImplementedError
+
+
+class AdaptMode(Configurable):
+    """A few-shot adaptation mode: prepares a trained model for learning a new task.
+
+    Contract: :meth:`prepare` changes the model in place only through its sites (new
+    router rows, replaced sites via :func:`adapterkit.plugin_api.replace_sites`) and sets
+    ``requires_grad`` on what trains; ``adapterkit.adapt`` then records the step and
+    re-derives the model's recipe from its sites. ``train_head`` says whether a
+    workflow's classification head trains by default in this mode.
+    """
+
+    train_head: ClassVar[bool] = True
+
+    def prepare(self, model: nn.Module, *, seed: int) -> None:
+        raise NotImplementedError
+
+    def compact_state(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The tensors that alone reproduce the adapted task on the prepared inventory
+        (e.g. MHR-z's routing rows), or ``None`` when the mode has no such compact form."""
+        return None
+
+
+class LossTerm(Configurable):
+    """A loss term a method adds in training, named in a workflow config (``[train.loss]``).
+
+    Contract: :meth:`__call__` runs ``forward()`` (one training forward; it may run it
+    again: each call draws fresh cells) and returns the total loss given
+    ``task_loss(outputs)``. ``Config`` must have a ``weight`` (0 turns the term off).
+    """
+
+    @attrs.frozen
+    class Config:
+        weight: float = 1.0
+
+    def __call__(self, forward: Callable[[], Tensor], task_loss: Callable[[Tensor], Tensor]) -> Tensor:
         raise NotImplementedError

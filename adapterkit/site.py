@@ -100,6 +100,7 @@ class AdapterSite(Configurable, nn.Module):
         self.base = base
         self.site_name = name
         self.skills = skills
+        self.splitter = splitter
         self.sampler = sampler
         self.routing = routing
         self.projections = nn.ModuleDict()
@@ -155,12 +156,12 @@ class AdapterSite(Configurable, nn.Module):
 
         Each is ``[*shape]`` (shared by the batch: unrouted, or routing weights of batch
         size 1, e.g. one task id for the whole batch in eval) or ``[batch, *shape]``.
-        In eval, when the router declares ``config.tasks`` fewer than the batch, weights
-        are mixed once per task and gathered per example (no host sync): an eval router's
-        weights depend on the task id only.
+        In eval, when the router serves fewer tasks (``Router.n_tasks``) than the batch,
+        weights are mixed once per task and gathered per example (no host sync): an eval
+        router's weights depend on the task id only.
         """
         index = None
-        tasks = getattr(self.router.config, "tasks", None)
+        tasks = self.router.n_tasks
         task_ids = self.routing.task_ids
         if (
             not self.training and self.router.needs_task_ids and isinstance(tasks, int) and 1 < tasks < batch
@@ -183,25 +184,70 @@ class AdapterSite(Configurable, nn.Module):
         return out
 
     @torch.no_grad()
-    def dense_copy(self, weights: dict[str, Tensor]) -> AdapterSite:
-        """A single-skill, unsplit, unrouted site of the same kind holding ``weights``.
+    def expected_weights(self) -> dict[str, Tensor]:
+        """Every projection's ``[K, *shape]`` weight under the sampler's eval gates: the
+        expectation of the training-time weight (``W0 + p * D`` for split projections)."""
+        out = {}
+        for name, module in self.projections.items():
+            training = module.training
+            module.eval()  # an eval forward marks no cell as used
+            try:
+                value = module(self.sampler.gates(self.partition(name), False, _device_of(module)))
+            finally:
+                module.train(training)
+            out[name] = value.detach().clone()
+        return out
 
-        ``weights`` maps every projection to a ``[*shape]`` tensor; the kind's other
-        modules (e.g. a LayerNorm) are copied. Used by mergers to deploy a plain adapter.
+    @torch.no_grad()
+    def mixed_weights(self, routing: Tensor | None = None) -> dict[str, Tensor]:
+        """Every projection's eval weight ``[*shape]`` with the skills mixed by ``routing``
+        (``(1, H, K)``); ``None`` for a single-skill site. What one task's eval forward uses."""
+        out = {}
+        for name, value in self.expected_weights().items():
+            mixed = mix_skills(value, routing, self.partition(name))
+            out[name] = mixed if routing is None else mixed[0]
+        return out
+
+    @torch.no_grad()
+    def rebuild(self, weights: dict[str, Tensor], *, config: Any = None, router: Router | None = None) -> AdapterSite:
+        """A site of the same kind on the same base, unsplit, holding ``weights``.
+
+        Without ``router``: a single-skill, unrouted site and every weight is ``[*shape]``.
+        With ``router`` (kept as is): the site keeps ``self.skills`` skills and every weight
+        is ``[K, *shape]``. ``config`` (default: this site's) may change the kind's
+        arguments, e.g. a new rank. The kind's other state (e.g. a LayerNorm) is copied
+        when its shapes still fit. Mergers use this to deploy a plain adapter.
         """
         generator = torch.Generator()
+        make_router: Callable[..., Router] = (
+            functools.partial(SingleSkill, None, skills=1, generator=generator) if router is None
+            else lambda heads: router
+        )
         new = type(self)(
-            self.base, self.config, name=self.site_name, skills=1, splitter=Splitter(), sampler=Sampler(),
-            make_router=functools.partial(SingleSkill, None, skills=1, generator=generator),
-            routing=self.routing, generator=generator,
+            self.base, self.config if config is None else config, name=self.site_name,
+            skills=1 if router is None else self.skills, splitter=Splitter(), sampler=Sampler(),
+            make_router=make_router, routing=self.routing, generator=generator,
         )
         for name, value in weights.items():
             projection: Projection = new.projections[name]  # type: ignore[assignment]  # dense splitter
-            projection.weight.copy_(value.unsqueeze(0))
-        extras = {k: v for k, v in self.state_dict().items() if not k.startswith(("base.", "projections.", "router."))}
+            projection.weight.copy_(value if router is not None else value.unsqueeze(0))
+        own = new.state_dict()
+        extras = {
+            k: v for k, v in self.state_dict().items()
+            if not k.startswith(("base.", "projections.", "router.")) and k in own and own[k].shape == v.shape
+        }
         new.load_state_dict(extras, strict=False)
         new.train(self.training)
         return new
+
+    def delta_weight(self) -> Tensor:
+        """The update this single-skill site adds to ``base.weight``, shaped like it (eval).
+
+        Kinds that are linear in their input (LoRA) implement it; folding a site into its
+        base layer (merger result :class:`~adapterkit.roles.Folded`) needs it.
+        """
+        raise ValueError(f"site {self.site_name!r}: fold needs a kind with a weight update (e.g. a LoRA site), "
+                         f"got {self.kind!r}")
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, kind={self.kind!r}, skills={self.skills}"

@@ -5,9 +5,7 @@ Registered through the ``adapterkit`` entry-point group like any third-party plu
 
 from __future__ import annotations
 
-from adapterkit import Registry, hookimpl
-from adapterkit.roles import Merger, Router, Sampler, SingleSkill, Splitter
-from adapterkit.site import AdapterSite
+from adapterkit.plugin_api import AdapterSite, Merger, Registry, Router, Sampler, SingleSkill, Splitter, hookimpl
 
 from .bottleneck import Bottleneck
 from .lora import LoRA

@@ -13,9 +13,15 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
-from adapterkit.roles import ProjectionSpec
-from adapterkit.site import AdapterSite, batched_linear, factory_kwargs
-from adapterkit.validators import one_of, positive, probability
+from adapterkit.plugin_api import (
+    AdapterSite,
+    ProjectionSpec,
+    batched_linear,
+    factory_kwargs,
+    one_of,
+    positive,
+    probability,
+)
 
 from .init import kaiming_down, zeros
 

@@ -9,9 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from adapterkit.roles import ProjectionSpec
-from adapterkit.site import AdapterSite, batched_linear
-from adapterkit.validators import positive, probability
+from adapterkit.plugin_api import AdapterSite, ProjectionSpec, batched_linear, positive, probability
 
 from .init import kaiming_down, zeros
 
@@ -48,6 +46,18 @@ class LoRA(AdapterSite):
             ProjectionSpec("A", (base.in_features, config.r), "down", 0, kaiming_down),
             ProjectionSpec("B", (config.r, base.out_features), "up", 1, zeros),
         ]
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """``scale * (A B)^T``, shaped like ``base.weight`` (eval weights: a split LoRA gives its expectation)."""
+        if type(self.base) is not nn.Linear:
+            raise ValueError(f"site {self.site_name!r}: only a LoRA on nn.Linear folds into its base layer")
+        if self.router.needs_task_ids or self.skills != 1:
+            raise ValueError(
+                f"site {self.site_name!r} holds {self.skills} routed skills; collapse it to one task first"
+            )
+        w = self.mixed_weights()
+        return (self.scale * (w["A"] @ w["B"])).T
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weights(x.shape[0])

@@ -18,13 +18,14 @@ Registers splitters ``mosa`` and ``hierarchical``, samplers ``mosa`` and
     name = "mosa"                # W0 + D/N: a plain dense adapter
 
 Train with :func:`adapterkit.optim.adamw` (inactive cells stay bit-identical) and,
-optionally, :func:`consistency_loss`; then ``adapterkit.merge(model)``.
+optionally, :func:`consistency_loss` (the loss term ``consistency`` in workflow configs:
+``[train.loss] name = "consistency"``); then ``adapterkit.merge(model)``.
 
 Hierarchical sparsity (this project's reading of the paper's strategy; the released
 code lacks it): ``[splitter] name = "hierarchical"``, ``levels = [2, 4, 8]`` nests
 the partitions, each level refining the previous one; ``[sampler] name =
 "hierarchical"`` picks a level (``mix = [...]`` fixed, or ``schedule =
-"coarse-to-fine"`` driven by :func:`set_progress`) and then one of its cells. The merge
+"coarse-to-fine"`` driven by training progress, ``Sampler.set_progress``) and then one of its cells. The merge
 is ``W0 + p * D`` with ``p = sum_l mix_l / n_l``. See ``docs/methods/mosa.md``.
 """
 
@@ -32,11 +33,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from adapterkit import Registry, hookimpl
-from adapterkit.roles import Merger, Sampler, Splitter
+from adapterkit.plugin_api import LossTerm, Merger, Registry, Sampler, Splitter, hookimpl, sites
 
-from .consistency import ConsistencyLoss, consistency_loss, symmetric_kl
-from .merger import MoSAMerger, expected_weights
+from .consistency import Consistency, ConsistencyLoss, consistency_loss, symmetric_kl
+from .merger import MoSAMerger
 from .presets import NAMES as PRESETS
 from .presets import Preset, load_preset
 from .samplers import HierarchicalSampler, MoSASampler
@@ -44,6 +44,7 @@ from .splitters import Hierarchical, MoSA, SparseDelta
 
 __all__ = [
     "PRESETS",
+    "Consistency",
     "ConsistencyLoss",
     "Hierarchical",
     "HierarchicalSampler",
@@ -53,7 +54,6 @@ __all__ = [
     "Preset",
     "SparseDelta",
     "consistency_loss",
-    "expected_weights",
     "load_preset",
     "set_progress",
     "symmetric_kl",
@@ -61,13 +61,9 @@ __all__ = [
 
 
 def set_progress(model: nn.Module, fraction: float) -> None:
-    """Report training progress in ``[0, 1]`` to every scheduled sampler of ``model``."""
-    from adapterkit.attach import sites
-
-    for site in sites(model).values():
-        setter = getattr(site.sampler, "set_progress", None)
-        if setter is not None:
-            setter(fraction)
+    """Report training progress in ``[0, 1]`` to every sampler of ``model`` (for your own loops)."""
+    for sampler in {id(s.sampler): s.sampler for s in sites(model).values()}.values():
+        sampler.set_progress(fraction)
 
 
 @hookimpl
@@ -85,3 +81,8 @@ def adapterkit_register_samplers(registry: Registry[Sampler]) -> None:
 @hookimpl
 def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
     registry.add("mosa", MoSAMerger)
+
+
+@hookimpl
+def adapterkit_register_losses(registry: Registry[LossTerm]) -> None:
+    registry.add("consistency", Consistency)

@@ -22,6 +22,8 @@ import attrs
 from torch import Tensor
 from torch.nn import functional as F
 
+from adapterkit.plugin_api import LossTerm
+
 
 def kl_to_detached(logits: Tensor, target_logits: Tensor) -> Tensor:
     """``KL(logits || sg target)``: ``sum p_t (log p_t - log p)`` per example, batch mean."""
@@ -61,3 +63,11 @@ def consistency_loss(
     o2 = forward()
     consistency = symmetric_kl(o1, o2)
     return ConsistencyLoss(task + weight * consistency, task, consistency, o1)
+
+
+class Consistency(LossTerm):
+    """The loss term ``consistency`` for workflow configs (``[train.loss]``): :func:`consistency_loss`
+    with ``weight`` (1.0 as in every official script)."""
+
+    def __call__(self, forward: Callable[[], Tensor], task_loss: Callable[[Tensor], Tensor]) -> Tensor:
+        return consistency_loss(forward, task_loss, self.config.weight).loss

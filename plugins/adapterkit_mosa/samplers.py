@@ -15,7 +15,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from adapterkit.roles import Partition, Sampler
+from adapterkit.plugin_api import Partition, Sampler
 
 SCHEDULES = ("fixed", "coarse-to-fine")
 

@@ -27,8 +27,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from adapterkit.roles import Partition, Projection, ProjectionSpec, Splitter
-from adapterkit.validators import one_of, positive
+from adapterkit.plugin_api import Partition, Projection, ProjectionSpec, Splitter, one_of, positive
 
 from .cells import check_levels, random_cells
 

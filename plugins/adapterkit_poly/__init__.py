@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from adapterkit import Registry, hookimpl
-from adapterkit.roles import Merger, Router, Splitter
+from adapterkit.plugin_api import AdaptMode, Merger, Registry, Router, Splitter, hookimpl
 
-from .adapt import MODES, adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing
+from .adapt import MODE_CLASSES, MODES, adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing
 from .mergers import Average, Collapse, Weighted, soup, unfold
 from .peft_interop import export_peft, from_peft, import_peft, read_peft, to_peft, write_peft
 from .routers import PolyRouter, PrivateRouter, UniformRouter
@@ -78,6 +77,12 @@ def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
     registry.add("average", Average)
     registry.add("weighted", Weighted)
     registry.add("collapse", Collapse)
+
+
+@hookimpl
+def adapterkit_register_adapt_modes(registry: Registry[AdaptMode]) -> None:
+    for name, cls in MODE_CLASSES.items():
+        registry.add(name, cls)
 
 
 @hookimpl

@@ -16,31 +16,19 @@ After ``poly``/``mhr``/``mhr-z`` the model routes one task: call it with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-from adapterkit.attach import sites, state_of
-from adapterkit.errors import AdapterkitError
-from adapterkit.recipe import RoleSpec
-from adapterkit.site import AdapterSite
+import adapterkit
+from adapterkit.plugin_api import AdapterkitError, AdapterSite, AdaptMode, replace_sites, sites
 
 from .mergers import Average
 from .routers import PolyRouter
 
-if TYPE_CHECKING:
-    from adapterkit.storage.format import Header
-
-Mode = Literal["poly", "mhr", "mhr-z", "mhr-mu", "poly-mu"]
-MODES: tuple[str, ...] = ("poly", "mhr", "mhr-z", "mhr-mu", "poly-mu")
 ROW_INITS: tuple[str, ...] = ("uniform", "mean", "random")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def routed_sites(model: nn.Module) -> dict[str, AdapterSite]:
@@ -77,42 +65,84 @@ def new_row(router: PolyRouter, init: str | int, generator: torch.Generator) -> 
     raise AdapterkitError(f"unknown routing-row init {init!r}; choose {', '.join(ROW_INITS)} or a trained task id")
 
 
+def _routed(model: nn.Module) -> dict[str, AdapterSite]:
+    routed = routed_sites(model)
+    if not routed:
+        raise ValueError("it needs a model whose sites use router 'poly' (a trained skill inventory)")
+    return routed
+
+
+def _init(value: Any) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if value not in ROW_INITS:
+        raise ValueError(f"unknown routing-row init {value!r}; choose {', '.join(ROW_INITS)} or a trained task id")
+    return str(value)
+
+
+class NewRow(AdaptMode):
+    """``poly``/``mhr``: a fresh routing row for the new task; the skills and that row train."""
+
+    frozen_skills: ClassVar[bool] = False
+
+    @attrs.frozen
+    class Config:
+        init: str | int = attrs.field(default="uniform", converter=_init)
+
+    def prepare(self, model: nn.Module, *, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        routed = _routed(model)
+        rows = {name: new_row(_router(site), self.config.init, generator) for name, site in routed.items()}
+        for name, site in routed.items():
+            router = _router(site)
+            router.logits = nn.Parameter(rows[name])
+            router.config = attrs.evolve(router.config, tasks=1)
+            for pname, param in site.named_parameters():
+                if not pname.startswith(("base.", "router.")):
+                    param.requires_grad_(not self.frozen_skills)
+
+
+class RowOnly(NewRow):
+    """``mhr-z``: the skills are frozen; only the routing row trains, so the per-task state is
+    the row alone (:meth:`compact_state`: ``sites * H * K`` numbers)."""
+
+    frozen_skills: ClassVar[bool] = True
+    train_head: ClassVar[bool] = False
+
+    def compact_state(self, model: nn.Module) -> dict[str, Tensor]:
+        return routing_state_dict(model)
+
+
+class Averaged(AdaptMode):
+    """``mhr-mu``/``poly-mu``: routing is dropped and the skills averaged: each site becomes one
+    plain LoRA (exactly the uniform-routing model), which then trains."""
+
+    def prepare(self, model: nn.Module, *, seed: int) -> None:
+        average = Average()
+        merged = {name: average.merge_site(site) for name, site in _routed(model).items()}
+        for site in merged.values():
+            for param in site.adapter_parameters():
+                param.requires_grad_(True)
+        replace_sites(model, merged)
+
+
+MODE_CLASSES: dict[str, type[AdaptMode]] = {
+    "poly": NewRow, "mhr": NewRow, "mhr-z": RowOnly, "mhr-mu": Averaged, "poly-mu": Averaged,
+}
+MODES: tuple[str, ...] = tuple(MODE_CLASSES)
+
+
 def adapt(model: nn.Module, mode: str, *, init: str | int = "uniform", seed: int = 0) -> nn.Module:
-    """Prepare a trained inventory (``poly``-routed model) for few-shot training on a new task.
+    """Prepare a trained inventory (``poly``-routed model) for few-shot training on a new task:
+    :func:`adapterkit.adapt` with this plugin's modes (``init`` applies to the row modes).
 
     In place; sets which parameters train (``requires_grad``) per ``mode`` and returns
     the model. Build the optimizer afterwards, e.g. with ``adapterkit.training.param_groups``.
     """
-    if mode not in MODES:
+    if mode not in MODE_CLASSES:
         raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(MODES)}")
-    state = state_of(model)
-    routed = routed_sites(model)
-    if not routed:
-        raise AdapterkitError("adapt needs a model whose sites use router 'poly' (a trained skill inventory)")
-    if mode.endswith("-mu"):
-        average = Average()
-        for name, site in routed.items():
-            merged = average.merge_site(site)
-            assert isinstance(merged, AdapterSite)
-            for param in merged.adapter_parameters():
-                param.requires_grad_(True)
-            _set_submodule(model, name, merged)
-        recipe = state.recipe
-        state.recipe = attrs.evolve(recipe, skills=1, splitter=RoleSpec("dense"), router=RoleSpec("none"))
-        state.n_tasks = None
-        return model
-    generator = torch.Generator().manual_seed(seed)
-    for site in routed.values():
-        router = _router(site)
-        router.logits = nn.Parameter(new_row(router, init, generator))
-        router.config = attrs.evolve(router.config, tasks=1)
-        frozen = mode == "mhr-z"
-        for name, param in site.named_parameters():
-            if not name.startswith(("base.", "router.")):
-                param.requires_grad_(not frozen)
-    recipe = state.recipe
-    state.recipe = attrs.evolve(recipe, router=RoleSpec(recipe.router.name, {**recipe.router.args, "tasks": 1}))
-    state.n_tasks = 1
+    args = {"init": init} if issubclass(MODE_CLASSES[mode], NewRow) else {}
+    adapterkit.adapt(model, mode, seed=seed, **args)
     return model
 
 
@@ -141,10 +171,10 @@ def load_routing_state_dict(model: nn.Module, tensors: Mapping[str, Tensor]) -> 
     return model
 
 
-def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, Any] | None = None) -> Header:
+def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, Any] | None = None) -> Any:
     """Write only the routing rows (the MHR-z per-task state) as one small safetensors file;
     returns its header (``file_size``: the bytes written)."""
-    from adapterkit.storage import save_tensors
+    from adapterkit.plugin_api import save_tensors
 
     return save_tensors(
         routing_state_dict(model), url, metadata={"content": "poly routing"}, storage_options=storage_options
@@ -153,6 +183,6 @@ def save_routing(model: nn.Module, url: str, *, storage_options: Mapping[str, An
 
 def load_routing(url: str, model: nn.Module, *, storage_options: Mapping[str, Any] | None = None) -> nn.Module:
     """Load a file written by :func:`save_routing` onto a model adapted the same way."""
-    from adapterkit.storage import load_tensors
+    from adapterkit.plugin_api import load_tensors
 
     return load_routing_state_dict(model, load_tensors(url, storage_options=storage_options))

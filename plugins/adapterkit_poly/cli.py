@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import adapterkit
-from adapterkit.storage import parse_options
+from adapterkit.plugin_api import parse_options
 
 from .peft_interop import PeftInteropError, export_peft, from_peft, load_converted, read_peft
 

@@ -1,15 +1,15 @@
 """Mergers that remove the skill structure: ``average``, ``weighted``, ``collapse``.
 
-All read the eval-mode weights (a sampler's gates are its expectation), so a split and
-routed adapter merges to what its eval forward computes. ``collapse`` turns a routed
-site into the plain LoRA of one task (exact: for a fixed task the eval weights are
-constant); the built-in ``fold`` then folds that into the base weight, or
-``collapse(fold=true)`` does both and remembers how to :func:`unfold`.
+All read the eval-mode weights (``site.mixed_weights``: a sampler's gates are its
+expectation), so a split and routed adapter merges to what its eval forward computes.
+``collapse`` turns a routed site into the plain LoRA of one task (exact: for a fixed task
+the eval weights are constant); the built-in ``fold`` then folds that into the base
+weight, or ``collapse(fold=true)`` does both; :func:`unfold` (``adapterkit.unmerge``)
+puts the routed sites back.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,23 +17,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from adapterkit.errors import AdapterkitError
-from adapterkit.roles import Merger, Sampler, SingleSkill, Splitter
-from adapterkit.site import AdapterSite, mix_skills
-from adapterkit.validators import one_of, positive
-
-UNFOLD_ATTR = "_adapterkit_unfold"
-
-
-def eval_weights(site: AdapterSite, routing: Tensor | None) -> dict[str, Tensor]:
-    """Every projection's eval weight mixed by ``routing`` (``(1, H, K)`` or ``None``): ``[*shape]``."""
-    out = {}
-    for name, module in site.projections.items():
-        partition = site.partition(name)
-        value = module(site.sampler.gates(partition, False, _factory(site)["device"]))
-        mixed = mix_skills(value, routing, partition)
-        out[name] = mixed if routing is None else mixed[0]
-    return out
+import adapterkit
+from adapterkit.plugin_api import AdapterkitError, AdapterSite, Folded, Merger, one_of, positive
 
 
 @torch.no_grad()
@@ -44,8 +29,8 @@ def task_routing(site: AdapterSite, task: int | None) -> Tensor | None:
         return router(None)
     if task is None:
         raise ValueError(f"site {site.site_name!r} is routed by task: say which task to collapse (task=...)")
-    tasks = getattr(router.config, "tasks", None)
-    if isinstance(tasks, int) and not 0 <= task < tasks:
+    tasks = router.n_tasks
+    if tasks is not None and not 0 <= task < tasks:
         raise ValueError(f"task {task} is out of range: the router knows tasks [0, {tasks})")
     training = router.training
     router.eval()
@@ -61,15 +46,20 @@ def uniform_routing(site: AdapterSite) -> Tensor | None:
     return torch.full((1, site.router.heads, site.skills), 1.0 / site.skills, **_factory(site))
 
 
+def _factory(site: AdapterSite) -> dict[str, Any]:
+    for tensor in site.projections.parameters():
+        return {"device": tensor.device, "dtype": tensor.dtype}
+    return {}
+
+
 class Average(Merger):
     """The mean of the skills (per head, the same ``1/K``): MHR-mu / Poly-mu.
 
     Equals the model under the ``uniform`` router exactly; the result is one plain adapter.
     """
 
-    @torch.no_grad()
-    def merge_site(self, site: AdapterSite) -> nn.Module:
-        return site.dense_copy(eval_weights(site, uniform_routing(site)))
+    def merge_site(self, site: AdapterSite) -> AdapterSite:
+        return site.rebuild(site.mixed_weights(uniform_routing(site)))
 
 
 def _as_weights(value: Any) -> tuple[Any, ...]:
@@ -96,7 +86,7 @@ class Weighted(Merger):
         rank: int | None = attrs.field(default=None, validator=attrs.validators.optional(positive))
 
     @torch.no_grad()
-    def merge_site(self, site: AdapterSite) -> nn.Module:
+    def merge_site(self, site: AdapterSite) -> AdapterSite:
         per_head = any(isinstance(w, tuple) for w in self.config.weights)
         rows = [list(w) for w in self.config.weights] if per_head else [list(self.config.weights)]
         heads = site.router.heads
@@ -109,17 +99,18 @@ class Weighted(Merger):
         if self.config.mode == "separate":
             if self.config.rank is not None:
                 raise ValueError("rank applies to mode='delta' only")
-            return site.dense_copy(eval_weights(site, routing))
+            return site.rebuild(site.mixed_weights(routing))
         if per_head:
             raise ValueError("mode='delta' takes one weight per skill (the skills' whole updates are combined)")
         return delta_merge(site, rows[0], self.config.rank)
 
 
-def delta_merge(site: AdapterSite, weights: Sequence[float], rank: int | None) -> nn.Module:
+def delta_merge(site: AdapterSite, weights: Sequence[float], rank: int | None) -> AdapterSite:
     """A plain LoRA holding ``sum_k w_k A_k B_k`` exactly (rank ``K*r``) or by SVD at ``rank``."""
     if set(site.projections) != {"A", "B"}:
         raise ValueError(f"site {site.site_name!r}: mode='delta' needs a LoRA site, got {site.kind!r}")
-    skill_a, skill_b = (_skill_weights(site, name) for name in ("A", "B"))  # [K, d_in, r], [K, r, d_out]
+    expected = site.expected_weights()
+    skill_a, skill_b = expected["A"], expected["B"]  # [K, d_in, r], [K, r, d_out]
     w = torch.tensor(weights, dtype=skill_a.dtype, device=skill_a.device)
     a = (skill_a * w[:, None, None]).permute(1, 0, 2).flatten(1)  # [d_in, K*r]
     b = skill_b.flatten(0, 1)  # [K*r, d_out]
@@ -130,26 +121,11 @@ def delta_merge(site: AdapterSite, weights: Sequence[float], rank: int | None) -
     return lora_like(site, a, b)
 
 
-def _skill_weights(site: AdapterSite, name: str) -> Tensor:
-    module = site.projections[name]
-    return module(site.sampler.gates(site.partition(name), False, _factory(site)["device"]))  # type: ignore[no-any-return]
-
-
 def lora_like(site: AdapterSite, a: Tensor, b: Tensor) -> AdapterSite:
     """A single-skill site of ``site``'s kind and scale holding ``a[d_in, r']``, ``b[r', d_out]``."""
     rank = a.shape[1]
-    scale = site.config.scale
-    config = attrs.evolve(site.config, r=rank, alpha=scale * rank)
-    generator = torch.Generator()
-    new = type(site)(
-        site.base, config, name=site.site_name, skills=1, splitter=Splitter(), sampler=Sampler(),
-        make_router=functools.partial(SingleSkill, None, skills=1, generator=generator),
-        routing=site.routing, generator=generator,
-    )
-    for name, value in (("A", a), ("B", b)):
-        new.projections[name].get_parameter("weight").copy_(value.unsqueeze(0))
-    new.train(site.training)
-    return new
+    config = attrs.evolve(site.config, r=rank, alpha=site.config.scale * rank)
+    return site.rebuild({"A": a, "B": b}, config=config)
 
 
 class Collapse(Merger):
@@ -164,36 +140,18 @@ class Collapse(Merger):
         task: int | None = None
         fold: bool = False
 
-    @torch.no_grad()
-    def merge_site(self, site: AdapterSite) -> nn.Module:
-        plain = site.dense_copy(eval_weights(site, task_routing(site, self.config.task)))
-        if not self.config.fold:
-            return plain
-        base = site.base
-        if not isinstance(base, nn.Linear) or set(plain.projections) != {"A", "B"}:
-            raise ValueError(f"site {site.site_name!r}: fold needs a LoRA on nn.Linear, got {site.kind!r}")
-        w = eval_weights(plain, None)
-        delta = (plain.config.scale * (w["A"] @ w["B"])).T.to(base.weight.dtype)
-        base.weight += delta
-        base.__dict__[UNFOLD_ATTR] = (site, delta)  # a plain attribute: not a submodule, not in state_dict
-        return base
+    def merge_site(self, site: AdapterSite) -> AdapterSite | Folded:
+        plain = site.rebuild(site.mixed_weights(task_routing(site, self.config.task)))
+        return Folded(plain) if self.config.fold else plain
 
 
-@torch.no_grad()
 def unfold(model: nn.Module) -> nn.Module:
-    """Undo ``collapse(fold=true)``: subtract each folded update and put the routed site back.
-
-    Restores the base weights up to float rounding of ``(W + d) - d``.
-    """
-    found = [(name, m) for name, m in model.named_modules() if UNFOLD_ATTR in m.__dict__]
-    if not found:
+    """Undo ``collapse(fold=true)``: subtract each folded update and put the routed sites back
+    (:func:`adapterkit.unmerge` of that merge). Restores the base weights up to float
+    rounding of ``(W + d) - d``."""
+    if not adapterkit.folded_sites(model):
         raise AdapterkitError("nothing to unfold: no layer was folded with merger 'collapse' (fold=true)")
-    for name, module in found:
-        site, delta = module.__dict__.pop(UNFOLD_ATTR)
-        module.weight -= delta
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
-    return model
+    return adapterkit.unmerge(model)
 
 
 def soup(adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None) -> dict[str, Tensor]:
@@ -227,9 +185,3 @@ def soup(adapters: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | No
         else:
             raise AdapterkitError(f"soup: non-float tensor {key!r} differs between adapters; they are not compatible")
     return out  # type: ignore[return-value]
-
-
-def _factory(site: AdapterSite) -> dict[str, Any]:
-    for tensor in site.projections.parameters():
-        return {"device": tensor.device, "dtype": tensor.dtype}
-    return {}

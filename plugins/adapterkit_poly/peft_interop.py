@@ -33,10 +33,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from adapterkit.attach import attach, sites
-from adapterkit.errors import AdapterkitError
-from adapterkit.recipe import Recipe
-from adapterkit.roles import Sampler, SingleSkill
+from adapterkit.plugin_api import AdapterkitError, Recipe, Sampler, SingleSkill, attach, sites
 
 from .routers import PolyRouter
 

@@ -8,14 +8,14 @@ device (no ``.item()``, no data-dependent branch), so routed models compile with
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-from adapterkit.roles import Router
-from adapterkit.validators import positive
+from adapterkit.plugin_api import Router, positive
 
 EPS = 1e-12  # the reference's normaliser guard: w = y / (sum_k y + EPS)
 
@@ -43,7 +43,27 @@ def normalise(y: Tensor) -> Tensor:
     return y / (y.sum(-1, keepdim=True) + EPS)
 
 
-class PolyRouter(Router):
+class TaskRouter(Router):
+    """A router of ``config.tasks`` tasks: declares them (:attr:`n_tasks`) and takes the
+    count from the data (:meth:`for_tasks`)."""
+
+    @property
+    def n_tasks(self) -> int | None:
+        return int(self.config.tasks)
+
+    @classmethod
+    def for_tasks(cls, args: Mapping[str, Any], n_tasks: int) -> dict[str, Any]:
+        given = args.get("tasks")
+        if given is None:
+            if n_tasks < 1:
+                raise ValueError("this router routes tasks, but the data has no tasks")
+            return {**args, "tasks": n_tasks}
+        if given != max(n_tasks, 1):
+            raise ValueError(f"the router declares tasks = {given}, but the data has {n_tasks or 'no'} tasks")
+        return dict(args)
+
+
+class PolyRouter(TaskRouter):
     """Polytropon routing: per task, per head, one logit per skill.
 
     ``logits: [tasks, H*K]`` (PEFT's ``module_logits`` layout), init ``U(-init_range,
@@ -79,7 +99,7 @@ class PolyRouter(Router):
         return f"tasks={self.config.tasks}, heads={self.heads}, skills={self.skills}"
 
 
-class PrivateRouter(Router):
+class PrivateRouter(TaskRouter):
     """One private skill per task: task ``t`` uses skill ``t`` only (needs ``skills == tasks``)."""
 
     needs_task_ids: ClassVar[bool] = True

@@ -11,8 +11,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from adapterkit.roles import Partition, ProjectionSpec, Splitter
-from adapterkit.validators import positive
+from adapterkit.plugin_api import Partition, ProjectionSpec, Splitter, positive
 
 
 class MHRSplitter(Splitter):

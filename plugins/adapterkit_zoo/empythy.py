@@ -15,8 +15,7 @@ from typing import Any
 
 import attrs
 
-from adapterkit.errors import AdapterkitError
-from adapterkit.zoo import Dataset, Example, Split
+from adapterkit.plugin_api import AdapterkitError, Dataset, Example, Split
 
 from .split import fraction, stratified_split
 

@@ -18,8 +18,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from adapterkit.errors import AdapterkitError
-from adapterkit.zoo import Dataset, Example, Split
+from adapterkit.plugin_api import AdapterkitError, Dataset, Example, Split
 
 from .split import fraction, stratified_split
 

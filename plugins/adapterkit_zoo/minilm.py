@@ -9,9 +9,7 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
-from adapterkit.errors import AdapterkitError
-from adapterkit.validators import positive
-from adapterkit.zoo import Backbone, Example
+from adapterkit.plugin_api import AdapterkitError, Backbone, Example, positive
 
 
 def _optional_dropout(instance: Any, attribute: Any, value: Any) -> None:

@@ -13,9 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from adapterkit.errors import AdapterkitError
-from adapterkit.validators import positive
-from adapterkit.zoo import Backbone, Example
+from adapterkit.plugin_api import AdapterkitError, Backbone, Example, positive
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

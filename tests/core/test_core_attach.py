@@ -148,5 +148,6 @@ def test_fold_refuses_a_bottleneck(builtin_host: PluginHost) -> None:
     with pytest.raises(adapterkit.AdapterkitError) as info:
         adapterkit.merge(model, "fold", host=builtin_host)
     assert str(info.value) == (
-        "cannot merge with 'fold': site 'encoder.layer.0.mlp': fold needs a LoRA site, got 'bottleneck'"
+        "cannot merge with 'fold': site 'encoder.layer.0.mlp': fold needs a kind with a weight update "
+        "(e.g. a LoRA site), got 'bottleneck'"
     )

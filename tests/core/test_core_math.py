@@ -220,6 +220,10 @@ class OneHot(Router):
     class Config:
         tasks: int = 2
 
+    @property
+    def n_tasks(self) -> int:  # declared: route() validates ids against it
+        return int(self.config.tasks)
+
     def forward(self, task_ids: Tensor | None) -> Tensor | None:
         assert task_ids is not None
         return F.one_hot(task_ids, self.skills).to(torch.float64)[:, None, :]

@@ -47,5 +47,6 @@ def test_the_plugin_is_discovered_through_its_entry_point() -> None:
     host.load_entry_points()
     assert host.plugins["mosa"].provides == {
         "splitter": ["hierarchical", "mosa"], "sampler": ["hierarchical", "mosa"], "merger": ["mosa"],
+        "loss": ["consistency"],
     }
     assert host.splitters.provider("mosa") == "mosa"

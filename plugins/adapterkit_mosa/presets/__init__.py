@@ -18,8 +18,7 @@ from typing import Any
 import attrs
 import tomllib
 
-from adapterkit.errors import RecipeError
-from adapterkit.recipe import Recipe
+from adapterkit.plugin_api import Recipe, RecipeError
 
 NAMES = ("vtab", "fgvc", "fgvc-cars", "multitask", "hierarchical")
 

@@ -1,0 +1,92 @@
+"""The plugin-author surface: everything a plugin (built-in or third-party) may import.
+
+Plugins import only this module and the public ``adapterkit`` package; an import
+contract (``lint-imports``, run by ``nox -s lint`` and the tests) keeps it so. What is
+here, by job:
+
+- **Registration**: :data:`hookimpl`, :class:`Registry` (see :mod:`adapterkit.hookspecs`).
+- **Roles and kinds**: :class:`AdapterSite` (subclass for a kind), :class:`Splitter`,
+  :class:`Sampler`, :class:`Router`, :class:`Merger`, :class:`AdaptMode`,
+  :class:`LossTerm`, with their data (:class:`ProjectionSpec`, :class:`Partition`,
+  :class:`Projection`) and :class:`Folded` (a merger's "fold this site into its base").
+- **Site attributes**: ``site.site_name``, ``site.base``, ``site.skills``,
+  ``site.splitter``/``sampler``/``router``, ``site.projections``, ``site.partition(name)``.
+- **Eval-mode weights of a site**: ``site.expected_weights()`` (``[K, *shape]``, the
+  expectation over cells) and ``site.mixed_weights(routing)`` (``[*shape]``, skills mixed).
+- **Rebuilding a site with new weights**: ``site.rebuild(weights, config=..., router=...)``.
+- **Folding LoRA into a base layer**: return ``Folded(site)`` from a merger; the core adds
+  ``site.delta_weight()`` (kinds that are linear in their input implement it).
+- **Model helpers**: :func:`sites`, :func:`replace_sites` (adaptation modes),
+  :func:`mix_skills`, :func:`batched_linear`, :func:`factory_kwargs`.
+- **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
+  :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
+- **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
+  :class:`Split`; storage helpers :func:`save_tensors`, :func:`load_tensors`,
+  :func:`parse_options`.
+
+A worked merger example is in ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from .attach import attach, replace_sites, sites
+from .errors import AdapterkitError, RecipeError
+from .hookspecs import hookimpl
+from .recipe import Recipe, RoleSpec
+from .registry import Registry
+from .roles import (
+    AdaptMode,
+    Configurable,
+    Folded,
+    LossTerm,
+    Merger,
+    Partition,
+    Projection,
+    ProjectionSpec,
+    Router,
+    Sampler,
+    SingleSkill,
+    Splitter,
+)
+from .site import AdapterSite, batched_linear, factory_kwargs, mix_skills
+from .storage import load_tensors, parse_options, save_tensors
+from .validators import one_of, positive, probability
+from .zoo import Backbone, Dataset, Example, Split
+
+__all__ = [
+    "AdaptMode",
+    "AdapterSite",
+    "AdapterkitError",
+    "Backbone",
+    "Configurable",
+    "Dataset",
+    "Example",
+    "Folded",
+    "LossTerm",
+    "Merger",
+    "Partition",
+    "Projection",
+    "ProjectionSpec",
+    "Recipe",
+    "RecipeError",
+    "Registry",
+    "RoleSpec",
+    "Router",
+    "Sampler",
+    "SingleSkill",
+    "Split",
+    "Splitter",
+    "attach",
+    "batched_linear",
+    "factory_kwargs",
+    "hookimpl",
+    "load_tensors",
+    "mix_skills",
+    "one_of",
+    "parse_options",
+    "positive",
+    "probability",
+    "replace_sites",
+    "save_tensors",
+    "sites",
+]
