@@ -11,7 +11,7 @@ import attrs
 from torch import Tensor, nn
 
 from ..errors import AdapterkitError, RecipeError
-from ..recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe
+from ..recipe import Recipe
 from .errors import StorageError
 from .format import (
     KEY_DIGEST,
@@ -30,6 +30,8 @@ from .tensors import check, decode, encode, tensor_view
 from .urls import Location, resolve, storage_errors
 
 SUFFIX = ".safetensors"
+KEY_FOLDED = PREFIX + "folded"  # {"recipe": ..., "sites": [...]}: sites folded into base weights
+KEY_HISTORY = PREFIX + "history"  # the steps (attach, merge, adapt) and the plugin versions that made them
 
 
 @attrs.frozen
@@ -48,6 +50,9 @@ class AdapterInfo:
     metadata: Mapping[str, str]  # the caller's own keys
     tensors: tuple[TensorInfo, ...]
     extra: tuple[str, ...] = ()  # tensors stored beside the adapter, not part of it (``load`` skips them)
+    folded: tuple[str, ...] = ()  # sites whose updates were folded into base weights (``load`` refolds)
+    folded_recipe: Recipe | None = None
+    history: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def from_header(cls, url: str, header: Header) -> AdapterInfo:
@@ -57,11 +62,15 @@ class AdapterInfo:
             plugins = header.json_value(KEY_PLUGINS, {})
             sites = tuple(header.json_value(KEY_SITES, []))
             extra = tuple(header.json_value(KEY_EXTRA, []))
-        except (ValueError, TypeError, RecipeError) as exc:
+            raw_folded = header.json_value(KEY_FOLDED, {"sites": []})
+            folded = tuple(raw_folded["sites"])
+            folded_recipe = Recipe.from_dict(raw_folded["recipe"]) if folded else None
+            history = tuple(dict(step) for step in header.json_value(KEY_HISTORY, []))
+        except (ValueError, TypeError, KeyError, RecipeError) as exc:
             raise StorageError(f"{url!r}: corrupt adapterkit metadata ({exc})") from None
         if not set(extra) <= set(header.tensors):
             raise StorageError(f"{url!r}: corrupt adapterkit metadata (extra tensors not in the file)")
-        if header.content == "adapter" and recipe is None:
+        if header.content == "adapter" and recipe is None and folded_recipe is None:
             raise StorageError(f"{url!r}: corrupt adapterkit metadata (an adapter without its recipe)")
         return cls(
             url=url, size=header.file_size, header_size=header.header_size, format_version=header.version,
@@ -69,6 +78,7 @@ class AdapterInfo:
             digest=header.metadata.get(KEY_DIGEST),
             metadata={k: v for k, v in header.metadata.items() if not k.startswith(PREFIX)},
             tensors=tuple(sorted(header.tensors.values(), key=lambda t: t.offsets)), extra=extra,
+            folded=folded, folded_recipe=folded_recipe, history=history,
         )
 
     @property
@@ -79,11 +89,12 @@ class AdapterInfo:
     @property
     def method(self) -> str:
         """Kind plus every non-default role name, once each (``lora+mosa``, ``lora+mhr+average``);
-        ``-`` for files that are not adapters."""
+        ``folded lora`` when every site is folded into base weights; ``-`` for other files."""
+        from ..attach import method_name
+
         if self.recipe is None:
-            return "-"
-        roles = [self.recipe.role(r).name for r in ROLES if self.recipe.role(r).name != DEFAULT_ROLE_NAMES[r]]
-        return "+".join(dict.fromkeys([self.recipe.kind, *roles]))  # mosa splitter + mosa sampler: once
+            return f"folded {method_name(self.folded_recipe)}" if self.folded_recipe is not None else "-"
+        return method_name(self.recipe) + (" (+ folded sites)" if self.folded else "")
 
     @property
     def data_size(self) -> int:
@@ -96,7 +107,9 @@ class AdapterInfo:
             "method": self.method, "recipe": self.recipe.to_dict() if self.recipe else None,
             "plugins": dict(self.plugins), "sites": list(self.sites), "digest": self.digest,
             "metadata": dict(self.metadata), "tensors": [t.to_dict() for t in self.tensors],
-            "extra": list(self.extra),
+            "extra": list(self.extra), "folded": list(self.folded),
+            "folded_recipe": self.folded_recipe.to_dict() if self.folded_recipe else None,
+            "history": [dict(step) for step in self.history],
         }
 
     def __str__(self) -> str:
@@ -107,13 +120,18 @@ class AdapterInfo:
             f"size      {self.size:,} bytes ({self.header_size:,} header, {self.data_size:,} tensor data)",
             f"digest    {self.digest or 'none'}",
             f"plugins   {', '.join(f'{k} {v}' for k, v in sorted(self.plugins.items())) or '-'}",
-            f"sites     {len(self.sites)}",
+            f"sites     {len(self.sites)}" + (f" (+ {len(self.folded)} folded into base weights)" * bool(self.folded)),
         ]
+        for step in self.history:
+            made = f" by {step['plugin']} {step.get('version', '?')}" if "plugin" in step else ""
+            lines.append(f"step      {step.get('op')} {step.get('name', step.get('method', ''))}{made}".rstrip())
         if self.extra:
             lines.append(f"extra     {len(self.extra)} tensors beside the adapter: {_short(self.extra)}")
         lines += [f"meta      {k} = {v}" for k, v in sorted(self.metadata.items())]
         if self.recipe is not None:
             lines.append(f"recipe    {json.dumps(self.recipe.to_dict(), sort_keys=True)}")
+        if self.folded_recipe is not None:
+            lines.append(f"folded    {json.dumps(self.folded_recipe.to_dict(), sort_keys=True)}")
         lines.append(f"{'tensor':<56} {'dtype':<6} {'shape':<20} {'bytes':>12}")
         lines += [f"{t.name:<56} {t.dtype:<6} {str(list(t.shape)):<20} {t.nbytes:>12,}" for t in self.tensors]
         return "\n".join(lines)
@@ -157,7 +175,7 @@ def save(
     names, e.g. a classifier head: ``load`` skips them, ``load_tensors(url, info.extra)``
     reads them.
     """
-    from ..attach import adapter_state_dict, sites, state_of
+    from ..attach import adapter_state_dict, describe, providers, sites, state_of
 
     meta = dict(metadata or {})
     reserved = [k for k in meta if isinstance(k, str) and k.startswith(PREFIX)]
@@ -166,11 +184,21 @@ def save(
                            "belong to adapterkit")
     loc = resolve(url, storage_options, write=True)
     if isinstance(model_or_tensors, nn.Module):
-        recipe = state_of(model_or_tensors).recipe
-        meta[KEY_RECIPE] = json.dumps(recipe.to_dict(), sort_keys=True)
-        meta[KEY_SITES] = json.dumps(list(sites(model_or_tensors)))
-        meta[KEY_PLUGINS] = json.dumps(_providers(recipe), sort_keys=True)
+        state = state_of(model_or_tensors)
         tensors = adapter_state_dict(model_or_tensors)
+        plugins: dict[str, str] = {}
+        if state.recipe is not None:
+            meta[KEY_RECIPE] = json.dumps(state.recipe.to_dict(), sort_keys=True)
+            plugins.update(providers(state.recipe))
+        meta[KEY_SITES] = json.dumps(list(sites(model_or_tensors)))
+        if state.folded:  # the folded sites' own (small) factors; load refolds them
+            folded = describe(state.folded, state.origin, attached=list(state.originals))
+            meta[KEY_FOLDED] = json.dumps({"recipe": folded.to_dict(), "sites": list(state.folded)}, sort_keys=True)
+            plugins.update(providers(folded))
+            for name, site in state.folded.items():
+                tensors.update({f"{name}.{k}": v for k, v in site.state_dict().items() if not k.startswith("base.")})
+        meta[KEY_PLUGINS] = json.dumps(plugins, sort_keys=True)
+        meta[KEY_HISTORY] = json.dumps(state.history, sort_keys=True)
         extra = dict(extra_tensors or {})
         clash = sorted(set(extra) & set(tensors))
         if clash:
@@ -190,20 +218,6 @@ def save(
     return AdapterInfo.from_header(url, header)
 
 
-def _providers(recipe: Recipe) -> dict[str, str]:
-    """``{plugin: version}`` of the plugins supplying the recipe's kind and roles."""
-    from ..plugins import get_host
-
-    host = get_host()
-    versions = host.plugin_versions()
-    used = [("kind", recipe.kind), *((role, recipe.role(role).name) for role in ROLES)]
-    out = {}
-    for role, name in used:
-        plugin = host.registries[role].provider(name)
-        out[plugin] = versions.get(plugin, "unknown")
-    return out
-
-
 def load(
     url: str, model: nn.Module, *, strict: bool = True, storage_options: Mapping[str, Any] | None = None
 ) -> nn.Module:
@@ -213,24 +227,25 @@ def load(
     ``strict`` (default) requires the file and the model to hold the same adapter tensors;
     otherwise tensors on only one side are skipped. Shapes must always match.
     """
-    from ..attach import adapter_state_dict, sites
+    from ..attach import adapter_state_dict, fold_sites, sites
 
     loc = resolve(url, storage_options)
     data = read_all(loc, writable=False)
     header = parse_whole(data, url)
     check(header, url, verify=True)
     info = AdapterInfo.from_header(url, header)
-    if info.content != "adapter" or info.recipe is None:
+    if info.content != "adapter" or (info.recipe is None and info.folded_recipe is None):
         raise StorageError(f"{url!r} holds {info.content}, not an adapter; read it with adapterkit.load_tensors")
-    if not info.sites:
-        raise StorageError(f"{url!r} holds no adapter sites (its adapters were merged into base weights, "
-                           f"stored as extra tensors: {_short(info.extra)}); read them with adapterkit.load_tensors")
+    if not info.sites and not info.folded:
+        raise StorageError(f"{url!r} holds no adapter sites; read its tensors with adapterkit.load_tensors")
     everything = list(header.tensors.values())
     tensors = decode(header, everything, [(data, header.header_size)] * len(everything), url, verify=True)
     with _attached(model, info, url):  # a refused load leaves the model as it was
         targets = adapter_state_dict(model)
         wanted = _match(info, header, targets, list(sites(model)), url, strict)
         _copy_into(model, targets, {i.name: tensors[i.name] for i in wanted})
+        if info.folded:
+            fold_sites(model, info.folded)
     return model
 
 
@@ -262,34 +277,40 @@ def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping
 
 @contextlib.contextmanager
 def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
-    """Attach the stored recipe if the model has no adapters; undo that if loading fails."""
-    from ..attach import STATE_ATTR, _set_submodule, attach, sites
+    """Attach the stored state if the model has no adapters (the recipe of the sites left,
+    and the folded sites, to be refolded once loaded); detach again if loading fails."""
+    from ..attach import add_sites, attach, detach, is_attached, state_of
 
-    if hasattr(model, STATE_ATTR):
+    if is_attached(model):
+        if info.folded:
+            raise StorageError(f"cannot load {url!r} into a model with adapters: it holds updates folded into "
+                               "base weights; load it onto a fresh base model")
         yield
         return
-    trainable = {param: param.requires_grad for param in model.parameters()}
+    first = info.recipe if info.recipe is not None else info.folded_recipe
+    assert first is not None
     try:
-        attach(model, info.recipe)  # type: ignore[arg-type]
+        attach(model, first)
+        if info.recipe is not None and info.folded_recipe is not None:
+            add_sites(model, info.folded_recipe, info.folded)
     except AdapterkitError as exc:
+        if is_attached(model):
+            detach(model)
         made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
         raise StorageError(f"cannot load {url!r}: {exc} (the adapter was made with: {made_by})") from None
     try:
         yield
     except BaseException:
-        for name, site in sites(model).items():
-            _set_submodule(model, name, site.base)
-        delattr(model, STATE_ATTR)
-        for param, flag in trainable.items():
-            param.requires_grad_(flag)
+        detach(model)
         raise
+    state_of(model).history = [*info.history, {"op": "load"}]
 
 
 def _match(
     info: AdapterInfo, header: Header, ours: Mapping[str, Tensor], model_sites: list[str], url: str, strict: bool
 ) -> list[TensorInfo]:
     """The file's tensors to load; one-line errors naming the site for mismatches."""
-    site_names = sorted({*info.sites, *model_sites}, key=len, reverse=True)
+    site_names = sorted({*info.sites, *info.folded, *model_sites}, key=len, reverse=True)
 
     def site(key: str) -> str:
         return _site_of(key, site_names)
