@@ -124,13 +124,54 @@ class Trainer:
         generator = torch.Generator().manual_seed(derive_seed(self.train.seed, "order", epoch))
         return torch.randperm(n, generator=generator)
 
-    def _wrapped(self) -> nn.Module:
+    def _wrapped(self, data: Encoded) -> nn.Module:
         if self.dist.world == 1:
             return self.classifier
+        import torch.distributed as torch_dist
         from torch.nn.parallel import DistributedDataParallel
 
+        # find_unused_parameters walks the autograd graph at every step; without it DDP
+        # fails when a trainable parameter gets no gradient. Which parameters a step
+        # reaches does not depend on the batch here: skills are stacked and mixed by the
+        # router, a sampler gates cells of one dense delta (values change, not which
+        # parameters are in the graph); what leaves one out is structure, e.g. a target
+        # the backbone's forward never calls. So one probe forward on this rank's first
+        # batch decides, and any rank's unreached parameter turns it on for every rank.
+        unreached = torch.tensor([float(bool(self._unreached(data)))], device=self.dist.device)
+        torch_dist.all_reduce(unreached, op=torch_dist.ReduceOp.MAX)
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DistributedDataParallel(self.classifier, device_ids=device_ids, find_unused_parameters=True)
+        return DistributedDataParallel(
+            self.classifier, device_ids=device_ids, find_unused_parameters=bool(unreached.item())
+        )
+
+    def _unreached(self, data: Encoded) -> list[str]:
+        """Trainable parameters a training forward on this rank's first batch leaves out
+        of the autograd graph (walked from the output to its leaves; no backward). The
+        RNG and the buffers (MoSA's touched cells) are restored: the run is unchanged."""
+        index = self._order(0, len(data))[: self.batch].view(self.dist.world, -1)[self.dist.rank]
+        part, device = data.take(index), self.dist.device
+        saved = {name: b.clone() for name, b in self.classifier.named_buffers()}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.classifier.train()
+            freeze_norm_statistics(self.classifier)
+            with route(self.classifier.body, part.tasks.to(device)) if self.routed else contextlib.nullcontext():
+                out = self.classifier(**{k: v.to(device) for k, v in part.inputs.items()})
+        with torch.no_grad():
+            for name, b in self.classifier.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+        reached: set[int] = set()
+        seen: set[Any] = set()
+        stack = [out.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if hasattr(fn, "variable"):  # AccumulateGrad: a leaf, i.e. a parameter
+                reached.add(id(fn.variable))
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+        return [n for n, p in self.classifier.named_parameters() if p.requires_grad and id(p) not in reached]
 
     def _loss(self, model: nn.Module, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
         weight = self.train.consistency
@@ -156,7 +197,7 @@ class Trainer:
     def fit(self, data: Encoded, *, start: int = 0, stop_at: int | None = None) -> int:
         """Train from step ``start`` to the end (or ``stop_at``); returns the last step."""
         device = self.dist.device
-        model = self._wrapped()
+        model = self._wrapped(data)
         samplers = [s.sampler for s in sites(self.classifier.body).values()]
         bar = tqdm(
             total=self.total,

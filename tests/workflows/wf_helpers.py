@@ -18,6 +18,22 @@ def mlp(hidden: int = 32) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
 
 
+class WithSpare(nn.Module):
+    """:func:`mlp` beside a layer its forward never calls: an adapter on ``spare`` gets no gradient."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.net = mlp(hidden)
+        self.spare = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def mlp_with_spare(hidden: int = 32) -> nn.Module:
+    return WithSpare(hidden)
+
+
 def mlp_config(**sections: dict[str, Any]) -> dict[str, Any]:
     """Digits + the MLP above + MoSA over LoRA: seconds on a CPU, real data."""
     config: dict[str, Any] = {
