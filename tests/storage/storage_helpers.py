@@ -45,7 +45,9 @@ def assert_same_adapter(a: nn.Module, b: nn.Module) -> None:
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with single ``Range: bytes=a-b`` support (http.server lacks it)."""
+    """Static files with single ``Range: bytes=a-b`` support (http.server lacks it); ``sent``
+    gets each body chunk's size before the chunk goes out, so it is complete once the client
+    has read a response."""
 
     sent: list[int]
 
@@ -81,6 +83,8 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             remaining = length
             while remaining:
                 chunk = file.read(min(remaining, 1 << 20))
+                # counted before it is written: a client holding these bytes finds them in
+                # ``sent`` (counted after, the client could return first and see less)
+                self.sent.append(len(chunk))
                 self.wfile.write(chunk)
                 remaining -= len(chunk)
-                self.sent.append(len(chunk))
