@@ -104,10 +104,32 @@ def train_command(
             _write_json(report, json_out, storage)
 
 
+class AdaptModeChoice(click.ParamType):
+    """``--mode``: a name in the ``adapt_mode`` registry, read when the command runs (so a
+    blocked plugin's modes are gone, and a third-party plugin's modes appear)."""
+
+    name = "mode"
+
+    def _names(self) -> list[str]:
+        from .plugins import get_host
+
+        return sorted(get_host().adapt_modes)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self._names()) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        names = self._names()
+        if value not in names:
+            hint = ", ".join(names) or "none: install a plugin that provides adaptation modes (e.g. adapterkit's poly)"
+            self.fail(f"unknown adaptation mode {value!r}; available: {hint}", param, ctx)
+        return str(value)
+
+
 @click.command("adapt")
 @click.argument("inventory")
 @click.option("--task", required=True, help="The new task (a task of the inventory's dataset).")
-@click.option("--mode", required=True, type=click.Choice(["poly", "mhr", "mhr-z", "mhr-mu", "poly-mu"]))
+@click.option("--mode", required=True, type=AdaptModeChoice(), help="Adaptation mode (adapterkit plugins: adapt_mode).")
 @click.option("-k", "--k", "k", default=8, show_default=True, type=click.IntRange(min=1), help="Examples per class.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one few-shot set each).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))

@@ -12,7 +12,7 @@ body's own modules (``query``, ``_blocks.*``). A :class:`Dataset` yields labelle
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 import numpy as np
@@ -106,9 +106,3 @@ class Classifier(nn.Module):
     def forward(self, **inputs: Tensor) -> Tensor:
         return self.head(self.backbone.features(self.body, inputs))  # type: ignore[no-any-return]
 
-
-def as_config(cls: type, args: dict[str, Any], what: str) -> Any:
-    """Validated ``cls.Config`` from plain arguments (unknown keys are one-line errors)."""
-    from .recipe import build_config
-
-    return build_config(cls, args, what)

@@ -140,13 +140,13 @@ def run_one(bench: Bench, task: Task, setting: Setting, variant: str, seed: int)
     backbone = classifier.backbone
     train = encode(backbone, corpus.train, corpus.classes, corpus.tasks)
     test = encode(backbone, corpus.test, corpus.classes, corpus.tasks)
-    consistency = 0.0 if variant in ("adapter", "mosa-noreg") else 1.0
+    loss = None if variant in ("adapter", "mosa-noreg") else {"name": "consistency", "weight": 1.0}
     timing = fit(
         classifier,
         train,
         OptimConfig(lr=5e-3, weight_decay=0.01, warmup=0.1, schedule="cosine"),
         TrainConfig(steps=setting.steps, batch_size=min(setting.batch_size, len(train)), seed=seed,
-                    consistency=consistency),
+                    loss=loss),
     )
     rows, merged = evaluate_deployed(classifier, test, corpus.tasks)
     total = rows[-1]

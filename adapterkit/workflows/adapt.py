@@ -1,18 +1,18 @@
 """``adapt``: few-shot learning of a new task from a trained skill inventory.
 
-Modes come from the routed-adapter plugin (``adapterkit_poly.adapt``): ``poly``/``mhr``
-(a new routing row; skills and row train), ``mhr-z`` (skills frozen, only the row
-trains: the head is frozen too, so the per-task state is the row alone) and
-``mhr-mu``/``poly-mu`` (skills averaged into one plain LoRA, which trains). Each seed
+Modes come from the ``adapt_mode`` registry (``adapterkit plugins``); the Poly/MHR plugin
+provides ``poly``/``mhr`` (a new routing row; skills and row train), ``mhr-z`` (skills
+frozen, only the row trains: the head is frozen too, so the per-task state is the row
+alone) and ``mhr-mu``/``poly-mu`` (skills averaged into one plain LoRA, which trains). Each seed
 draws its own balanced few-shot set (``k`` examples per class) and trains from the
 same inventory; the table reports every seed and the mean.
 
 With ``output``, each seed's adapted model is saved as
-``<output>/<task>-<mode>-k<k>-seed<seed>.safetensors``; ``mhr-z`` also writes the tiny
-per-task file beside it, ``...-seed<seed>.routing.safetensors``: the routing rows alone
-(``adapterkit_poly.save_routing``), which reproduce the adapted model when loaded onto
-the inventory prepared with ``adapterkit_poly.adapt(body, "mhr-z")`` (the head is frozen
-in mhr-z, so the inventory's own head serves).
+``<output>/<task>-<mode>-k<k>-seed<seed>.safetensors``; a mode with a compact per-task
+state (``AdaptMode.compact_state``: ``mhr-z``'s routing rows) also writes it beside,
+``...-seed<seed>.routing.safetensors``, which reproduces the adapted model when loaded onto
+the inventory prepared with the same mode (the head is frozen in mhr-z, so the
+inventory's own head serves).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from typing import Any
 
 import attrs
 
+from ..attach import adapt as adapt_model
 from ..errors import AdapterkitError
+from ..plugins import get_host
+from ..storage import save_tensors
 from .artifacts import Artifact, load_artifact, read_artifact, save_artifact
 from .config import OptimConfig, TrainConfig
 from .data import Corpus, check_task, encode, few_shot
@@ -41,14 +44,6 @@ class AdaptRun:
     url: str | None
     routing_url: str | None = None  # mhr-z: the routing-only per-task file
     routing_bytes: int | None = None
-
-
-def _poly_adapt() -> Any:
-    try:
-        from adapterkit_poly.adapt import MODES, adapt, save_routing
-    except ImportError:
-        raise AdapterkitError("adapt needs the Poly/MHR plugin (adapterkit_poly)") from None
-    return adapt, MODES, save_routing
 
 
 def adapt(
@@ -69,9 +64,8 @@ def adapt(
     echo: Echo = print,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[AdaptRun]:
-    poly_adapt, modes, save_routing = _poly_adapt()
-    if mode not in modes:
-        raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(modes)}")
+    mode_cls = get_host().adapt_modes[mode]
+    mode_args = {"init": _row_init(init)} if "init" in {f.name for f in attrs.fields(mode_cls.Config)} else {}
     artifact, _ = read_artifact(url, storage_options=storage_options)
     if artifact.stage != "trained" or not artifact.tasks:
         raise AdapterkitError(
@@ -85,11 +79,11 @@ def adapt(
     if task in artifact.tasks:
         echo(f"note: task {task!r} is in the trained inventory; adapting it anyway")
     test_examples = [e for e in corpus.test if e.task == task]
-    train_head = mode != "mhr-z" if train_head is None else train_head
+    train_head = mode_cls.train_head if train_head is None else train_head
     runs = []
     for seed in seeds:
         classifier, _ = load_artifact(url, storage_options=storage_options)
-        poly_adapt(classifier.body, mode, init=init, seed=seed)
+        prepared = adapt_model(classifier.body, mode, seed=seed, **mode_args)
         classifier.head.requires_grad_(train_head)
         trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
         shots = few_shot(corpus.train, task, k, seed, corpus.classes)
@@ -118,9 +112,11 @@ def adapt(
                 extra={"task": task, "mode": mode, "k": k, "seed": seed},
             )
             save_artifact(classifier, adapted, target, storage_options=storage_options)
-            if mode == "mhr-z":
+            compact = prepared.compact_state(classifier.body)
+            if compact is not None:
                 routing = f"{stem}.routing.safetensors"
-                size = save_routing(classifier.body, routing, storage_options=storage_options).file_size
+                meta = {"content": "per-task state", "mode": mode}
+                size = save_tensors(compact, routing, metadata=meta, storage_options=storage_options).file_size
         echo(
             f"seed {seed}: {trainable:,} trainable parameters; {task} accuracy {rows[-1].accuracy:.4f} "
             f"macro-F1 {rows[-1].macro_f1:.4f}" + (f"; saved {target}" if target else "")
@@ -145,3 +141,8 @@ def summary(runs: Sequence[AdaptRun]) -> dict[str, float]:
         "macro_f1": statistics.fmean(f1),
         "macro_f1_std": spread(f1),
     }
+
+
+def _row_init(value: str) -> str | int:
+    """``--init``: a name, or a trained task id given as digits."""
+    return int(value) if value.isdigit() else value

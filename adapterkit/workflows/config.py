@@ -26,7 +26,7 @@
     epochs = 2                   # or steps = N (optimizer steps; overrides epochs)
     batch_size = 32
     seed = 0
-    consistency = 0.0            # MoSA consistency regulariser weight (0: off)
+    loss = { name = "consistency", weight = 1.0 }  # a method's loss term (adapterkit plugins: loss)
 
     [eval]
     every_epoch = true           # evaluate at the end of each epoch, with merged weights
@@ -130,11 +130,20 @@ class TrainConfig:
     steps: int = attrs.field(default=0, validator=_non_negative_int)
     batch_size: int = attrs.field(default=32, validator=_positive_int)
     seed: int = 0
-    consistency: float = attrs.field(default=0.0, validator=_non_negative_float)
+    loss: Mapping[str, Any] | None = attrs.field(default=None)
+    """A loss term a method adds (``{name = "consistency", weight = 1.0}``); ``None``: the task loss alone."""
     device: str = "auto"
     threads: int = attrs.field(default=0, validator=_non_negative_int)
     """torch intra-op threads per process (0: torch's default); 1 helps on oversubscribed cores."""
     log_every: int = attrs.field(default=1, validator=_positive_int)
+
+
+    @loss.validator
+    def _check_loss(self, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+        _check(
+            value is None or (isinstance(value, Mapping) and isinstance(value.get("name"), str)),
+            f"config key 'train.loss' must be a table with a name (e.g. {{name = \"consistency\"}}), got {value!r}",
+        )
 
 
 @attrs.frozen

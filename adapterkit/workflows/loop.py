@@ -3,14 +3,15 @@
 A method is a recipe: the loop knows no method by name. It builds AdamW with the router
 parameter groups (:func:`adapterkit.optim.adamw`, exact for cell-sparse parameters),
 routes task ids when the model has routed sites, reports training progress to samplers
-that take it (``set_progress``), and adds MoSA's consistency regulariser when the config
-asks for it. Data order, sampler draws and noise derive from ``(seed, step)``, so a
-resumed run is bit-identical to an uninterrupted one.
+(``Sampler.set_progress``), and adds the loss term the config names (``[train] loss``,
+from the ``loss`` registry, e.g. MoSA's ``consistency``). Data order, sampler draws and
+noise derive from ``(seed, step)``, so a resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,9 @@ from tqdm import tqdm
 
 from ..attach import merge, route, sites
 from ..errors import AdapterkitError
+from ..plugins import get_host
+from ..recipe import build_config
+from ..roles import LossTerm
 from ..training import freeze_norm_statistics
 from ..zoo import Classifier
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -68,6 +72,16 @@ def merged_copy(classifier: Classifier) -> tuple[Classifier, str | None]:
     return copy, None
 
 
+def make_loss_term(table: Mapping[str, Any] | None) -> LossTerm | None:
+    """The loss term a ``[train] loss`` table names (``None``: the task loss alone)."""
+    if table is None:
+        return None
+    args = {k: v for k, v in table.items() if k != "name"}
+    name = table["name"]
+    cls = get_host().losses[name]
+    return cls(build_config(cls, args, f"loss term {name!r}"))  # type: ignore[no-any-return]
+
+
 @attrs.define
 class Trainer:
     """Runs optimizer steps over an encoded training set on one or many processes."""
@@ -88,6 +102,7 @@ class Trainer:
     batch: int = attrs.field(init=False, default=0)
     per_epoch: int = attrs.field(init=False, default=0)
     routed: bool = attrs.field(init=False, default=False)
+    loss_term: LossTerm | None = attrs.field(init=False, default=None)
 
     def setup(self, n_train: int) -> tuple[int, int]:
         self.batch, self.per_epoch = batch_plan(n_train, self.train.batch_size, self.dist.world)
@@ -96,6 +111,7 @@ class Trainer:
         factor = lambda step: lr_factor(step, self.total, self.optim.warmup, self.optim.schedule)  # noqa: E731
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.routed = is_routed(self.classifier)
+        self.loss_term = make_loss_term(self.train.loss)
         return self.batch, self.per_epoch
 
     def resume(self, url: str) -> int:
@@ -174,25 +190,20 @@ class Trainer:
         return [n for n, p in self.classifier.named_parameters() if p.requires_grad and id(p) not in reached]
 
     def _loss(self, model: nn.Module, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
-        weight = self.train.consistency
-        if weight <= 0:
-            return F.cross_entropy(model(**inputs), labels)
-        try:
-            from adapterkit_mosa import consistency_loss
-        except ImportError:
-            raise AdapterkitError("train.consistency needs the MoSA plugin (adapterkit_mosa)") from None
-        # DDP allows one forward per backward through its wrapper; the second pass goes
+        def task_loss(logits: Tensor) -> Tensor:
+            return F.cross_entropy(logits, labels)
+
+        if self.loss_term is None:
+            return task_loss(model(**inputs))
+        # DDP allows one forward per backward through its wrapper; a second pass goes
         # through the module itself and its gradient still reaches the same parameters.
-        passes = iter([model, self.classifier])
-        out = consistency_loss(lambda: next(passes)(**inputs), lambda o: F.cross_entropy(o, labels), weight)
-        return out.loss
+        passes = itertools.chain([model], itertools.repeat(self.classifier))
+        return self.loss_term(lambda: next(passes)(**inputs), task_loss)
 
     def _set_progress(self, step: int) -> None:
         fraction = step / max(1, self.total)
         for sampler in {id(s.sampler): s.sampler for s in sites(self.classifier.body).values()}.values():
-            set_progress = getattr(sampler, "set_progress", None)
-            if callable(set_progress):
-                set_progress(fraction)
+            sampler.set_progress(fraction)
 
     def fit(self, data: Encoded, *, start: int = 0, stop_at: int | None = None) -> int:
         """Train from step ``start`` to the end (or ``stop_at``); returns the last step."""

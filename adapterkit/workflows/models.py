@@ -78,32 +78,27 @@ def resolve_backbone(config: ModelConfig, host: PluginHost | None = None) -> Bac
 
 
 def recipe_for_tasks(recipe: Recipe, n_tasks: int, host: PluginHost | None = None) -> Recipe:
-    """Fill the router's ``tasks`` argument from the data (when the router has one)."""
+    """The recipe with its router's arguments for the data's tasks (``Router.for_tasks``)."""
     host = host or get_host()
     router_cls = host.routers[recipe.router.name]
-    fields = {f.name for f in attrs.fields(router_cls.Config)}
-    if "tasks" not in fields:
-        return recipe
-    given = recipe.router.args.get("tasks")
-    if given is None:
-        if n_tasks < 1:
-            raise ConfigError(f"router {recipe.router.name!r} routes tasks, but the data has no tasks")
-        return attrs.evolve(recipe, router=RoleSpec(recipe.router.name, {**recipe.router.args, "tasks": n_tasks}))
-    if n_tasks and given != n_tasks:
-        raise ConfigError(f"recipe router has tasks = {given}, but the data has {n_tasks} tasks")
-    return recipe
+    try:
+        args = router_cls.for_tasks(recipe.router.args, n_tasks)
+    except ValueError as exc:
+        raise ConfigError(f"recipe router {recipe.router.name!r}: {exc}") from None
+    return attrs.evolve(recipe, router=RoleSpec(recipe.router.name, args))
 
 
 def build_classifier(
     backbone: Backbone,
-    recipe: Recipe,
+    recipe: Recipe | None,
     num_classes: int,
     *,
     seed: int,
     probe: Example | None = None,
     host: PluginHost | None = None,
 ) -> Classifier:
-    """Build the body, attach the recipe, add a new head; seeded, so every rank agrees."""
+    """Build the body, attach the recipe (``None``: not yet, e.g. ``adapterkit.load`` will),
+    add a new head; seeded, so every rank agrees."""
     torch.manual_seed(seed)
     body = backbone.build()
     for p in body.parameters():
@@ -114,7 +109,8 @@ def build_classifier(
         with torch.no_grad():
             dim = int(backbone.features(body.eval(), backbone.encode([probe])).shape[-1])
         backbone.feature_dim = lambda body: dim  # type: ignore[method-assign]
-    attach(body, recipe, host=host)
+    if recipe is not None:
+        attach(body, recipe, host=host)
     torch.manual_seed(seed)
     return Classifier(backbone, body, num_classes)
 

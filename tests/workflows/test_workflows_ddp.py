@@ -28,7 +28,7 @@ TOLERANCE = 1e-5
 
 
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path: os.PathLike[str]) -> None:
-    config = mlp_config(train={"steps": 8, "batch_size": 32, "consistency": 1.0})
+    config = mlp_config(train={"steps": 8, "batch_size": 32, "loss": {"name": "consistency", "weight": 1.0}})
     out = str(tmp_path)
     mp.spawn(ddp_worker, args=(2, os.path.join(out, "rendezvous"), config, out), nprocs=2, join=True)
     rank0 = load_tensors(os.path.join(out, "rank0.safetensors"))
@@ -47,7 +47,7 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path: os.PathLike[s
 
 
 def _spare_config(**train: object) -> dict[str, object]:
-    config = mlp_config(model={"backbone": "wf_helpers:mlp_with_spare"}, train={"consistency": 0.0, **train})
+    config = mlp_config(model={"backbone": "wf_helpers:mlp_with_spare"}, train={**train})
     config["recipe"]["adapter"]["targets"] = ["1", "3", "spare"]  # type: ignore[index]
     return config
 

@@ -15,7 +15,7 @@ from adapterkit.storage import inspect
 
 def _config(url: str, **train: object) -> workflows.WorkflowConfig:
     cfg = mlp_config(
-        train={"steps": 10, "batch_size": 16, "consistency": 1.0, **train},
+        train={"steps": 10, "batch_size": 16, "loss": {"name": "consistency", "weight": 1.0}, **train},
         checkpoint={"url": url, "every": 4},
     )
     cfg["recipe"]["adapter"]["dropout"] = 0.1
