@@ -36,7 +36,7 @@ def test_fresh_host_discovers_installed_plugin(with_stripes: Path, discover: Cal
     assert Path(adapterkit_stripes.__file__).is_relative_to(with_stripes)  # the installed copy, not the source tree
     info = host.plugins["stripes"]
     assert (info.version, info.distribution) == ("0.3.0", "adapterkit-stripes")
-    assert info.provides == {"splitter": ["stripes"], "sampler": ["one_stripe"]}
+    assert info.provides == {"splitter": ["stripes"], "sampler": ["one_stripe"], "merger": ["prune"]}
     assert host.splitters["stripes"] is adapterkit_stripes.Stripes
     assert host.splitters.provider("stripes") == "stripes"
     assert host.plugins["builtins"].version == ADAPTERKIT_VERSION
@@ -57,7 +57,8 @@ def test_cli_json_lists_plugin_in_subprocess(installed, subprocess_env) -> None:
     assert all(set(entry) == {"name", "version", "provides"} for entry in listing)
     by_name = {entry["name"]: entry for entry in listing}
     assert by_name["stripes"] == {
-        "name": "stripes", "version": "0.3.0", "provides": {"splitter": ["stripes"], "sampler": ["one_stripe"]}
+        "name": "stripes", "version": "0.3.0",
+        "provides": {"splitter": ["stripes"], "sampler": ["one_stripe"], "merger": ["prune"]},
     }
     assert by_name["builtins"]["version"] == ADAPTERKIT_VERSION
     assert result.stderr == ""
@@ -116,7 +117,7 @@ def test_cli_warns_about_broken_plugins_and_exits_zero(installed, subprocess_env
     assert "Traceback" not in result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert {"builtins", "stripes", "broken_fine"} <= set(rows)
-    assert rows["stripes"].split(None, 2)[1:] == ["0.3.0", "splitter: stripes; sampler: one_stripe"]
+    assert rows["stripes"].split(None, 2)[1:] == ["0.3.0", "splitter: stripes; sampler: one_stripe; merger: prune"]
 
 
 def test_broken_command_hook_does_not_take_the_cli_down(installed, subprocess_env) -> None:

@@ -1,9 +1,11 @@
-"""Sample third-party plugin: a ``stripes`` splitter and a ``one_stripe`` sampler.
+"""Sample third-party plugin: a ``stripes`` splitter, a ``one_stripe`` sampler and a ``prune`` merger.
 
 ``stripes`` cuts each bottleneck projection into ``n_cells`` contiguous stripes, of rows
 (``by = "rows"``) or of elements in row-major order (``by = "elements"``); biases stay
 whole. ``one_stripe`` activates one stripe per forward in training (uniformly, drawn
-on the device) and uses the expectation ``1/n_cells`` per stripe in eval.
+on the device) and uses the expectation ``1/n_cells`` per stripe in eval. ``prune``
+(written against ``adapterkit.plugin_api`` alone) deploys each single-skill site as a plain
+adapter of its eval weights with the smallest-magnitude ``1 - keep`` of each weight zeroed.
 """
 
 from __future__ import annotations
@@ -15,8 +17,19 @@ import click
 import torch
 from torch import Tensor
 
-from adapterkit import AdapterkitError, Partition, ProjectionSpec, Registry, Sampler, Splitter, hookimpl
-from adapterkit.validators import one_of, positive
+from adapterkit.plugin_api import (
+    AdapterkitError,
+    AdapterSite,
+    Merger,
+    Partition,
+    ProjectionSpec,
+    Registry,
+    Sampler,
+    Splitter,
+    hookimpl,
+    one_of,
+    positive,
+)
 
 
 class Stripes(Splitter):
@@ -55,9 +68,37 @@ class OneStripe(Sampler):
         return (torch.arange(n, device=device) == pick).float()
 
 
+def _fraction(instance: object, attribute: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
+
+
+class Prune(Merger):
+    """Magnitude pruning of each single-skill site's eval weights (keep the largest ``keep``)."""
+
+    @attrs.frozen
+    class Config:
+        keep: float = attrs.field(default=0.5, validator=_fraction)
+
+    def merge_site(self, site: AdapterSite) -> AdapterSite:
+        if site.skills != 1:
+            raise ValueError(f"site {site.site_name!r}: prune takes single-skill sites, got {site.skills} skills")
+        pruned = {}
+        for name, weight in site.mixed_weights().items():
+            k = max(1, round(self.config.keep * weight.numel()))
+            threshold = weight.abs().flatten().kthvalue(weight.numel() - k + 1).values
+            pruned[name] = torch.where(weight.abs() >= threshold, weight, torch.zeros_like(weight))
+        return site.rebuild(pruned)
+
+
 @hookimpl
 def adapterkit_register_splitters(registry: Registry[Splitter]) -> None:
     registry.add("stripes", Stripes)
+
+
+@hookimpl
+def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
+    registry.add("prune", Prune)
 
 
 @hookimpl
