@@ -50,7 +50,16 @@ from .roles import (
 )
 from .site import AdapterSite, batched_linear, factory_kwargs, mix_skills
 from .storage import load_tensors, parse_options, save_tensors
-from .validators import one_of, positive, probability
+from .validators import (
+    at_most,
+    non_negative,
+    non_negative_number,
+    one_of,
+    optional,
+    positive,
+    positive_number,
+    probability,
+)
 from .zoo import Backbone, Dataset, Example, Split
 
 __all__ = [
@@ -82,9 +91,14 @@ __all__ = [
     "hookimpl",
     "load_tensors",
     "mix_skills",
+    "at_most",
+    "non_negative",
+    "non_negative_number",
     "one_of",
+    "optional",
     "parse_options",
     "positive",
+    "positive_number",
     "probability",
     "replace_sites",
     "save_tensors",

@@ -25,6 +25,7 @@ import attrs
 import tomllib
 
 from .errors import RecipeError
+from .validators import keyed, positive
 
 ROLES = ("splitter", "sampler", "router", "merger")
 DEFAULT_ROLE_NAMES = {"splitter": "dense", "sampler": "all", "router": "none", "merger": "identity"}
@@ -49,9 +50,7 @@ def _targets(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:  # type: ignore[type-arg]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise RecipeError(f"recipe key {attribute.name!r} must be a positive integer, got {value!r}")
+_positive = keyed(positive, RecipeError, "recipe key")
 
 
 def _role(default: str) -> Any:

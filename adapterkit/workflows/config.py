@@ -54,6 +54,7 @@ import tomllib
 
 from ..errors import AdapterkitError, RecipeError
 from ..recipe import Recipe
+from ..validators import Validator, keyed, non_empty_str, non_negative, non_negative_number, optional, positive
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -67,32 +68,14 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _non_negative_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-        f"config key {attribute.name!r} must be a non-negative integer, got {value!r}",
-    )
+def _config(check: Validator) -> Validator:
+    return keyed(check, ConfigError, "config key")
 
 
-def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-        f"config key {attribute.name!r} must be a positive integer, got {value!r}",
-    )
-
-
-def _non_negative_float(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
-    _check(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-        f"config key {attribute.name!r} must be a non-negative number, got {value!r}",
-    )
-
-
-def _optional_str(instance: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
-    _check(
-        value is None or (isinstance(value, str) and value != ""),
-        f"config key {attribute.name!r} must be a non-empty string, got {value!r}",
-    )
+_non_negative_int = _config(non_negative)
+_positive_int = _config(positive)
+_non_negative_float = _config(non_negative_number)
+_optional_str = _config(optional(non_empty_str))
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from adapterkit.plugin_api import (
     batched_linear,
     factory_kwargs,
     one_of,
+    optional,
     positive,
     probability,
 )
@@ -26,11 +27,6 @@ from adapterkit.plugin_api import (
 from .init import kaiming_down, zeros
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
-
-
-def _optional_positive(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None:
-        positive(instance, attribute, value)
 
 
 def feature_dims(module: nn.Module) -> tuple[int | None, int | None]:
@@ -66,8 +62,8 @@ class Bottleneck(AdapterSite):
         bias: bool = True
         input_arg: int | str = 0  # parallel: the positional index or keyword feeding the adapter
         channel_dim: int = -1  # 1 for NCHW feature maps
-        d_in: int | None = attrs.field(default=None, validator=_optional_positive)
-        d_out: int | None = attrs.field(default=None, validator=_optional_positive)
+        d_in: int | None = attrs.field(default=None, validator=optional(positive))
+        d_out: int | None = attrs.field(default=None, validator=optional(positive))
 
     def __init__(self, base: nn.Module, config: Any, **kwargs: Any) -> None:
         super().__init__(base, config, **kwargs)

@@ -15,14 +15,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from adapterkit.plugin_api import Router, positive
+from adapterkit.plugin_api import Router, positive, positive_number
 
 EPS = 1e-12  # the reference's normaliser guard: w = y / (sum_k y + EPS)
-
-
-def _positive_float(instance: Any, attribute: Any, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def relaxed_bernoulli(logits: Tensor, temperature: float, uniform: Tensor) -> Tensor:
@@ -77,8 +72,8 @@ class PolyRouter(TaskRouter):
     @attrs.frozen
     class Config:
         tasks: int = attrs.field(validator=positive)
-        temperature: float = attrs.field(default=1.0, validator=_positive_float)
-        init_range: float = attrs.field(default=1e-3, validator=_positive_float)
+        temperature: float = attrs.field(default=1.0, validator=positive_number)
+        init_range: float = attrs.field(default=1e-3, validator=positive_number)
 
     def __init__(self, config: Any, *, heads: int, skills: int, generator: torch.Generator) -> None:
         super().__init__(config, heads=heads, skills=skills, generator=generator)

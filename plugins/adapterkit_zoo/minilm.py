@@ -9,12 +9,7 @@ from typing import Any
 import attrs
 from torch import Tensor, nn
 
-from adapterkit.plugin_api import AdapterkitError, Backbone, Example, positive
-
-
-def _optional_dropout(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ValueError(f"{attribute.name} must be in [0, 1) or unset, got {value!r}")
+from adapterkit.plugin_api import AdapterkitError, Backbone, Example, optional, positive, probability
 
 
 class MiniLM(Backbone):
@@ -30,7 +25,7 @@ class MiniLM(Backbone):
     @attrs.frozen
     class Config:
         max_length: int = attrs.field(default=64, validator=positive)
-        dropout: float | None = attrs.field(default=None, validator=_optional_dropout)
+        dropout: float | None = attrs.field(default=None, validator=optional(probability))
         """Override BERT's hidden/attention dropout (pretrained: 0.1); 0 makes training deterministic per example."""
 
     def __init__(self, config: Any = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 import numpy as np
@@ -13,15 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from adapterkit.plugin_api import AdapterkitError, Backbone, Example, positive
+from adapterkit.plugin_api import AdapterkitError, Backbone, Example, optional, positive, probability
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-def _optional_dropout(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ValueError(f"{attribute.name} must be in [0, 1) or unset, got {value!r}")
 
 
 def image_tensor(images: Sequence[np.ndarray | None], size: int) -> Tensor:
@@ -53,7 +47,7 @@ class EfficientNetLite0(Backbone):
     @attrs.frozen
     class Config:
         image_size: int = attrs.field(default=32, validator=positive)
-        dropout: float | None = attrs.field(default=None, validator=_optional_dropout)
+        dropout: float | None = attrs.field(default=None, validator=optional(probability))
         """Override the dropout before the head (pretrained: 0.2)."""
 
     def build(self) -> nn.Module:
