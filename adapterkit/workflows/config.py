@@ -68,14 +68,15 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _config(check: Validator) -> Validator:
+# (not named _config: attrs-generated __init__ methods look up a global of that name)
+def _as_config_key(check: Validator) -> Validator:
     return keyed(check, ConfigError, "config key")
 
 
-_non_negative_int = _config(non_negative)
-_positive_int = _config(positive)
-_non_negative_float = _config(non_negative_number)
-_optional_str = _config(optional(non_empty_str))
+_non_negative_int = _as_config_key(non_negative)
+_positive_int = _as_config_key(positive)
+_non_negative_float = _as_config_key(non_negative_number)
+_optional_str = _as_config_key(optional(non_empty_str))
 
 
 @attrs.frozen
