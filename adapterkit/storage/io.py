@@ -54,9 +54,16 @@ def read_header(loc: Location, size: int | None = None, probe: bytes | None = No
         if probe is None:
             probe = loc.fs.cat_file(loc.path, start=0, end=min(PROBE_BYTES, size)) if size else b""
         length = header_length(probe, size, loc.url)
+        body: Buffer
         if 8 + length > len(probe):
-            probe = probe + loc.fs.cat_file(loc.path, start=len(probe), end=8 + length)
-    return parse_header(bytes(probe[8 : 8 + length]), size, loc.url)
+            rest = loc.fs.cat_file(loc.path, start=len(probe), end=8 + length)
+            body = b"".join((memoryview(probe)[8:], rest))
+            del rest
+        else:
+            body = memoryview(probe)[8 : 8 + length]
+    if len(body) != length:
+        raise StorageError(f"cannot read {loc.url!r}: it changed or is truncated (short read of its header)")
+    return parse_header(body, size, loc.url)
 
 
 def read_all(loc: Location, *, writable: bool) -> Buffer:
@@ -99,7 +106,7 @@ def writable_copy(data: Buffer) -> memoryview:
 def parse_whole(data: Buffer, url: str) -> Header:
     """The header of a file already read whole."""
     length = header_length(bytes(data[: min(len(data), 16)]), len(data), url)
-    return parse_header(bytes(data[8 : 8 + length]), len(data), url)
+    return parse_header(memoryview(data)[8 : 8 + length], len(data), url)
 
 
 def read_ranges(loc: Location, ranges: Sequence[tuple[int, int]]) -> list[bytes]:

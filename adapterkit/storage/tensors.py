@@ -24,6 +24,9 @@ from .format import (
     KEY_PLUGINS,
     KEY_WRITER,
     KEY_XXH3,
+    MAX_DIMS,
+    MAX_METADATA_KEYS,
+    MAX_TENSORS,
     PREFIX,
     Header,
     TensorInfo,
@@ -59,10 +62,21 @@ def encode(
             raise StorageError(f"metadata must map strings to strings, got {key!r}: {type(value).__name__}")
         if key.startswith(PREFIX) and content == "tensors":
             raise StorageError(f"metadata key {key!r} is reserved: keys starting with {PREFIX!r} belong to adapterkit")
+        if not _unicode(key) or not _unicode(value):
+            raise StorageError(f"metadata {key!r} holds a lone surrogate, which is not valid Unicode "
+                               "(readers refuse such files)")
+    if len(metadata) > MAX_METADATA_KEYS - 8:  # adapterkit adds its own keys
+        raise StorageError(f"{len(metadata):,} metadata keys; files hold at most {MAX_METADATA_KEYS - 8:,} of yours")
+    if len(tensors) > MAX_TENSORS:
+        raise StorageError(f"{len(tensors):,} tensors; one file holds at most {MAX_TENSORS:,}")
     cpu: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
+        if not isinstance(name, str) or not _unicode(name):
+            raise StorageError(f"tensor names are valid Unicode strings, got {name!r}")
         if not isinstance(tensor, Tensor):
             raise StorageError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.dim() > MAX_DIMS:
+            raise StorageError(f"tensor {name!r} has {tensor.dim()} dimensions; files hold at most {MAX_DIMS}")
         cpu[name] = tensor.detach().to("cpu").contiguous()
     infos = layout(cpu)
     views = [tensor_view(cpu[info.name]) for info in infos]
@@ -78,6 +92,14 @@ def encode(
     header_bytes = encode_header(infos, meta)
     header = parse_whole_header(header_bytes, infos)
     return header, [header_bytes, *views]
+
+
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_whole_header(header_bytes: bytes, infos: list[TensorInfo]) -> Header:

@@ -48,7 +48,7 @@ def torch_pickle(legacy: bool) -> bytes:
 
 def newer_version(_: bytes) -> bytes:
     return safetensors.torch.save(
-        {"x": torch.zeros(2)}, metadata={"adapterkit.format": "3", "adapterkit.content": "adapter"}
+        {"x": torch.zeros(2)}, metadata={"adapterkit.format": "4", "adapterkit.content": "adapter"}
     )
 
 
@@ -82,8 +82,8 @@ BAD: dict[str, tuple[Callable[[bytes], bytes], str, bool]] = {
     "torch_save_legacy": (lambda d: torch_pickle(True), r"is a pickle file \(as torch.save or pickle write\)", True),
     "torch_save_zip": (lambda d: torch_pickle(False), r"is a zip archive \(torch.save writes a pickle inside one\)",
                        True),
-    "newer_format": (newer_version, r"written with adapterkit storage format version 3, but this adapterkit reads "
-                     r"format version 2 at most; upgrade adapterkit", True),
+    "newer_format": (newer_version, r"written with adapterkit storage format version 4, but this adapterkit reads "
+                     r"format version 3 at most; upgrade adapterkit", True),
 }
 
 

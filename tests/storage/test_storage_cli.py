@@ -26,7 +26,7 @@ def test_inspect_human_and_json(tmp_path: Any) -> None:
     url = f"{tmp_path}/a.safetensors"
     info = adapterkit.save(trained(LORA), url, metadata={"task": "airline"})
     text = run("inspect", url)
-    assert "content   adapter (format 2)" in text and "method    lora" in text
+    assert "content   adapter (format 3)" in text and "method    lora" in text
     assert "meta      task = airline" in text and "0.projections.A.weight" in text
     data = json.loads(run("inspect", "--json", url))
     assert data["digest"] == info.digest and data["recipe"] == info.recipe.to_dict()  # type: ignore[union-attr]

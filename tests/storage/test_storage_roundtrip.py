@@ -326,7 +326,8 @@ def test_format_1_files_with_sha256_digests_still_load_and_verify(tmp_path: Any)
     assert fmt.KEY_XXH3 in header.metadata and fmt.KEY_SHA256 not in header.metadata
     payload = data[header.header_size:]
     infos = sorted(header.tensors.values(), key=lambda i: i.offsets)
-    meta = {k: v for k, v in header.metadata.items() if k != fmt.KEY_XXH3}
+    # a genuine format 1 file: the format 1 key set (no history, which format 3 added)
+    meta = {k: v for k, v in header.metadata.items() if k not in (fmt.KEY_XXH3, fmt.KEY_HISTORY)}
     meta[fmt.KEY_FORMAT] = "1"
     meta[fmt.KEY_SHA256] = json.dumps({i.name: hashlib.sha256(payload[i.offsets[0]:i.offsets[1]]).hexdigest()
                                        for i in infos})
