@@ -6,15 +6,17 @@ per-task logits instead. It plugs into any recipe with ``[router] name = "softma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import attrs
 import torch
 from torch import Tensor, nn
 
-import adapterkit
-from adapterkit.validators import positive
+from adapterkit.plugin_api import Registry, Router, hookimpl, positive
 
 
-class SoftmaxRouter(adapterkit.Router):
+class SoftmaxRouter(Router):
     """``w[b, h, :] = softmax(logits[task_ids[b], h] / temperature)``."""
 
     needs_task_ids = True  # the site will pass the ids set by adapterkit.route
@@ -28,6 +30,17 @@ class SoftmaxRouter(adapterkit.Router):
         super().__init__(config, heads=heads, skills=skills, generator=generator)
         self.logits = nn.Parameter(torch.zeros(config.tasks, heads, skills))
 
+    @property
+    def n_tasks(self) -> int:  # declared: adapterkit.route checks task ids against it
+        return int(self.config.tasks)
+
+    @classmethod
+    def for_tasks(cls, args: Mapping[str, Any], n_tasks: int) -> dict[str, Any]:
+        """``adapterkit train`` fills the task count in from the data."""
+        if args.get("tasks", n_tasks) != n_tasks:
+            raise ValueError(f"the router declares tasks = {args['tasks']}, but the data has {n_tasks} tasks")
+        return {**args, "tasks": n_tasks}
+
     def check(self, skills: int) -> None:
         if skills < 2:
             raise ValueError("the softmax router mixes skills: set [adapter] skills >= 2")
@@ -37,6 +50,6 @@ class SoftmaxRouter(adapterkit.Router):
         return torch.softmax(self.logits[task_ids] / self.config.temperature, dim=-1)
 
 
-@adapterkit.hookimpl
-def adapterkit_register_routers(registry: adapterkit.Registry[adapterkit.Router]) -> None:
+@hookimpl
+def adapterkit_register_routers(registry: Registry[Router]) -> None:
     registry.add("softmax", SoftmaxRouter)
