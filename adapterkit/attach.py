@@ -68,7 +68,7 @@ class AttachState:
     requires_grad: dict[str, bool]
     folded: dict[str, AdapterSite] = attrs.field(factory=dict)
     history: list[dict[str, Any]] = attrs.field(factory=list)
-    undo: list[tuple[dict[str, nn.Module], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
+    undo: list[tuple[dict[str, AdapterSite], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
     n_tasks: int | None = None
     summary: AttachSummary | None = None
 
@@ -312,9 +312,16 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
 @torch.no_grad()
 def _install_folds(model: nn.Module, state: AttachState, folds: Mapping[str, tuple[AdapterSite, Tensor]]) -> None:
     for site_name, (plain, delta) in folds.items():
-        plain.base.weight += delta.to(plain.base.weight.dtype)  # type: ignore[operator]
+        weight = _base_weight(plain)
+        weight += delta.to(weight.dtype)
         model.set_submodule(site_name, plain.base)
         state.folded[site_name] = plain
+
+
+def _base_weight(site: AdapterSite) -> Tensor:
+    weight = site.base.weight
+    assert isinstance(weight, Tensor)  # a foldable kind's base layer has a weight
+    return weight
 
 
 def add_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], *, host: PluginHost | None = None) -> None:
@@ -365,7 +372,8 @@ def _plain(value: Any) -> Any:
 @torch.no_grad()
 def _unfold(folded: Mapping[str, AdapterSite]) -> None:
     for plain in folded.values():
-        plain.base.weight -= plain.delta_weight().to(plain.base.weight.dtype)  # type: ignore[operator]
+        weight = _base_weight(plain)
+        weight -= plain.delta_weight().to(weight.dtype)
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -65,7 +65,8 @@ def adapt(
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[AdaptRun]:
     mode_cls = get_host().adapt_modes[mode]
-    mode_args = {"init": _row_init(init)} if "init" in {f.name for f in attrs.fields(mode_cls.Config)} else {}
+    takes_init = "init" in {f.name for f in attrs.fields(mode_cls.Config)}
+    mode_args: dict[str, Any] = {"init": _row_init(init)} if takes_init else {}
     artifact, _ = read_artifact(url, storage_options=storage_options)
     if artifact.stage != "trained" or not artifact.tasks:
         raise AdapterkitError(

@@ -141,7 +141,7 @@ def adapt(model: nn.Module, mode: str, *, init: str | int = "uniform", seed: int
     """
     if mode not in MODE_CLASSES:
         raise AdapterkitError(f"unknown adaptation mode {mode!r}; choose one of {', '.join(MODES)}")
-    args = {"init": init} if issubclass(MODE_CLASSES[mode], NewRow) else {}
+    args: dict[str, Any] = {"init": init} if issubclass(MODE_CLASSES[mode], NewRow) else {}
     adapterkit.adapt(model, mode, seed=seed, **args)
     return model
 
