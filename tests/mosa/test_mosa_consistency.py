@@ -43,3 +43,25 @@ def test_consistency_loss_runs_two_draws_and_weights_the_kl(make_model, batch) -
     single = consistency_loss(forward, lambda logits: F.cross_entropy(logits, labels), weight=0.0)
     torch.testing.assert_close(single.task, out.task)  # same first draw
     assert float(single.consistency) == 0.0
+
+
+def test_the_registered_loss_term_is_the_regulariser(make_model, batch) -> None:
+    from adapterkit.workflows.loop import make_loss_term
+
+    model = make_model(share="none")
+    randomize_deltas(model)
+    model.train()
+    labels = torch.tensor([0, 1, 2, 1])
+    head = torch.nn.Linear(32, 3)
+
+    def forward() -> torch.Tensor:
+        return head(model(**batch).last_hidden_state[:, 0])
+
+    def task(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    term = make_loss_term({"name": "consistency", "weight": 0.5})  # what [train] loss = {...} builds
+    torch.manual_seed(3)
+    by_term = term(forward, task)
+    torch.manual_seed(3)
+    assert torch.equal(by_term, consistency_loss(forward, task, weight=0.5).loss)
