@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -137,6 +138,24 @@ def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: Pl
         except (ValueError, RecipeError) as exc:
             raise AttachError(name, str(exc)) from None
     return out
+
+
+def planned_elements(model: nn.Module, recipe: Recipe, *, host: PluginHost | None = None) -> int:
+    """How many adapter elements attaching ``recipe`` to ``model`` would allocate (at least),
+    computed from the kind's projection specs alone: nothing is allocated. ``load`` compares
+    it with the file's size before attaching, so a crafted recipe (``r = 2**40``) cannot
+    make it allocate far beyond the file."""
+    host = host or get_host()
+    kind_cls = host.kinds[recipe.kind]
+    config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
+    total = 0
+    for name in find_sites(model, recipe.targets):
+        try:
+            specs = kind_cls.projection_specs(model.get_submodule(name), config)
+        except (ValueError, RecipeError) as exc:
+            raise AttachError(name, str(exc)) from None
+        total += sum(recipe.skills * math.prod(spec.shape) for spec in specs)
+    return total
 
 
 def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:

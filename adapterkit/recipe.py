@@ -25,9 +25,10 @@ import attrs
 import tomllib
 
 from .errors import RecipeError
-from .validators import keyed, positive
+from .validators import at_most, keyed, non_negative, positive
 
 ROLES = ("splitter", "sampler", "router", "merger")
+MAX_SKILLS = 65_536  # K: far beyond any method's inventory, small enough to refuse absurd files early
 DEFAULT_ROLE_NAMES = {"splitter": "dense", "sampler": "all", "router": "none", "merger": "identity"}
 
 
@@ -64,12 +65,12 @@ class Recipe:
     kind: str
     targets: tuple[str, ...] = attrs.field(converter=_targets)
     kind_args: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
-    skills: int = attrs.field(default=1, validator=_positive)
+    skills: int = attrs.field(default=1, validator=keyed(at_most(MAX_SKILLS), RecipeError, "recipe key"))
     splitter: RoleSpec = _role("dense")
     sampler: RoleSpec = _role("all")
     router: RoleSpec = _role("none")
     merger: RoleSpec = _role("identity")
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=keyed(at_most(2**63 - 1, non_negative), RecipeError, "recipe key"))
 
     @targets.validator
     def _check_targets(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:  # type: ignore[type-arg]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -12,10 +13,12 @@ from torch import Tensor, nn
 
 from ..errors import AdapterkitError, RecipeError
 from ..recipe import Recipe
-from .errors import StorageError
+from .errors import StorageError, printable
 from .format import (
     KEY_DIGEST,
     KEY_EXTRA,
+    KEY_FOLDED,
+    KEY_HISTORY,
     KEY_PLUGINS,
     KEY_RECIPE,
     KEY_SITES,
@@ -23,15 +26,15 @@ from .format import (
     PROBE_BYTES,
     Header,
     TensorInfo,
+    adapter_fields,
     verify_header,
 )
-from .io import parse_whole, read_all, read_header, write_atomic
+from .io import abort_uploads, parse_whole, read_all, read_header, write_atomic
 from .tensors import check, decode, encode, tensor_view
 from .urls import Location, resolve, storage_errors
 
 SUFFIX = ".safetensors"
-KEY_FOLDED = PREFIX + "folded"  # {"recipe": ..., "sites": [...]}: sites folded into base weights
-KEY_HISTORY = PREFIX + "history"  # the steps (attach, merge, adapt) and the plugin versions that made them
+MAX_LINE = 4000  # characters of one line of ``inspect``'s text (the full values are in --json)
 
 
 @attrs.frozen
@@ -56,6 +59,8 @@ class AdapterInfo:
 
     @classmethod
     def from_header(cls, url: str, header: Header) -> AdapterInfo:
+        if not header.verified:  # (parsed headers passed this already)
+            adapter_fields(header, url)  # every adapterkit value against its schema, one-line errors
         try:
             raw_recipe = header.json_value(KEY_RECIPE)
             recipe = Recipe.from_dict(raw_recipe) if raw_recipe is not None else None
@@ -134,7 +139,9 @@ class AdapterInfo:
             lines.append(f"folded    {json.dumps(self.folded_recipe.to_dict(), sort_keys=True)}")
         lines.append(f"{'tensor':<56} {'dtype':<6} {'shape':<20} {'bytes':>12}")
         lines += [f"{t.name:<56} {t.dtype:<6} {str(list(t.shape)):<20} {t.nbytes:>12,}" for t in self.tensors]
-        return "\n".join(lines)
+        # Names and values come from the file: each line printable on its own (no newline or
+        # terminal escape in a value can forge another line), long values cut.
+        return "\n".join(printable(line, MAX_LINE) for line in lines)
 
 
 @attrs.frozen
@@ -238,6 +245,7 @@ def load(
         raise StorageError(f"{url!r} holds {info.content}, not an adapter; read it with adapterkit.load_tensors")
     if not info.sites and not info.folded:
         raise StorageError(f"{url!r} holds no adapter sites; read its tensors with adapterkit.load_tensors")
+    _check_allocation(model, info, url)
     everything = list(header.tensors.values())
     tensors = decode(header, everything, [(data, header.header_size)] * len(everything), url, verify=True)
     with _attached(model, info, url):  # a refused load leaves the model as it was
@@ -275,6 +283,29 @@ def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping
             tensor_view(targets[name])[:] = tensor_view(source)
 
 
+ALLOCATION_FACTOR = 4  # a split projection holds W0 and a delta (2x), cell ids, and the file may be half-precision
+
+
+def _check_allocation(model: nn.Module, info: AdapterInfo, url: str) -> None:
+    """Refuse a recipe that would allocate far more adapter elements than the file holds."""
+    from ..attach import is_attached, planned_elements
+
+    if is_attached(model):
+        return  # loading into existing sites allocates nothing
+    stored = sum(math.prod(t.shape) for t in info.tensors if t.name not in set(info.extra))
+    planned = 0
+    try:
+        for recipe in (info.recipe, info.folded_recipe):
+            if recipe is not None:
+                planned += planned_elements(model, recipe)
+    except AdapterkitError as exc:
+        made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
+        raise StorageError(f"cannot load {url!r}: {exc} (the adapter was made with: {made_by})") from None
+    if planned > ALLOCATION_FACTOR * stored + 1024:
+        raise StorageError(f"cannot load {url!r}: its recipe would allocate {planned:,} adapter elements on this "
+                           f"model but the file holds {stored:,}; the file is corrupt or crafted")
+
+
 @contextlib.contextmanager
 def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
     """Attach the stored state if the model has no adapters (the recipe of the sites left,
@@ -303,7 +334,7 @@ def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
     except BaseException:
         detach(model)
         raise
-    state_of(model).history = [*info.history, {"op": "load"}]
+    state_of(model).history = [*(dict(step) for step in info.history), {"op": "load"}]
 
 
 def _match(
@@ -365,11 +396,16 @@ def inspect(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Ad
     return AdapterInfo.from_header(url, header)
 
 
-def ls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[ListEntry]:
+def ls(url: str, *, storage_options: Mapping[str, Any] | None = None, clean: bool = False) -> list[ListEntry]:
     """Every ``*.safetensors`` file under a URL prefix (hidden names skipped), each
-    described from its header only; a broken file becomes an entry with its error."""
+    described from its header only; a broken file becomes an entry with its error. A
+    prefix that does not exist is an error. ``clean`` first aborts the unfinished S3
+    multipart uploads under the prefix (left by killed saves; see ``io.abort_uploads``)."""
     loc = resolve(url, storage_options)
     fs = loc.fs
+    if clean:
+        with storage_errors("clean", url):
+            abort_uploads(loc, under=True)
     with storage_errors("list", url):
         if loc.path.endswith(SUFFIX) and fs.isfile(loc.path):  # (HTTP calls any 200 URL a file)
             found = {loc.path: fs.info(loc.path)}
@@ -377,6 +413,8 @@ def ls(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[Li
         else:
             found = fs.find(loc.path, detail=True)
             root = loc.path.rstrip("/")
+            if not found and not fs.exists(loc.path):
+                raise StorageError(f"cannot list {url!r}: no such folder or prefix")
     files = []
     for path, detail in sorted(found.items()):
         rel = path[len(root):].lstrip("/") if root and path.startswith(root) else path
