@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from .storage import cp, inspect, ls, parse_options
+from .storage.errors import printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,23 +51,30 @@ def inspect_command(url: str, options_storage_option: tuple[str, ...], as_json: 
 @click.argument("url")
 @storage_option
 @json_flag
-def ls_command(url: str, options_storage_option: tuple[str, ...], as_json: bool) -> None:
-    """List the adapters (*.safetensors) under a URL prefix: name, size, kind, method."""
-    entries = ls(url, storage_options=parse_options(options_storage_option))
+@click.option("--clean", is_flag=True,
+              help="First abort the unfinished S3 multipart uploads under URL (left by killed saves; "
+                   "also aborts uploads of saves still running there).")
+def ls_command(url: str, options_storage_option: tuple[str, ...], as_json: bool, clean: bool) -> None:
+    """List the adapters (*.safetensors) under a URL prefix: name, size, kind, method.
+    A prefix that does not exist is an error."""
+    entries = ls(url, storage_options=parse_options(options_storage_option), clean=clean)
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
         return
     if not entries:
-        click.echo(f"no adapter files under {url}")
+        click.echo(printable(f"no adapter files under {url}"))
         return
-    width = max(24, *(len(e.name) for e in entries))
+    # names, kinds and methods come from the listing and the files: printed escaped, cut
+    names = [printable(e.name, 200) for e in entries]
+    width = max(24, *(len(name) for name in names))
     click.echo(f"{'name':<{width}} {'size':>10}  {'kind':<12} {'method':<28} {'digest'}")
-    for e in entries:
+    for name, e in zip(names, entries, strict=True):
         if e.info is None:
-            click.echo(f"{e.name:<{width}} {_size(e.size):>10}  {'?':<12} {'error: ' + str(e.error)}")
+            click.echo(f"{name:<{width}} {_size(e.size):>10}  {'?':<12} {'error: ' + printable(str(e.error))}")
             continue
         digest = (e.info.digest or "none").removeprefix("sha256:")[:12]
-        click.echo(f"{e.name:<{width}} {_size(e.size):>10}  {e.info.kind:<12} {e.info.method:<28} {digest}")
+        kind, method = printable(e.info.kind, 40), printable(e.info.method, 80)
+        click.echo(f"{name:<{width}} {_size(e.size):>10}  {kind:<12} {method:<28} {digest}")
 
 
 @click.command("cp")
@@ -88,7 +96,7 @@ def cp_command(
     if as_json:
         click.echo(json.dumps({"src": src, "dst": info.url, "size": info.size, "digest": info.digest}))
     else:
-        click.echo(f"copied {src} -> {info.url} ({_size(info.size)}, {info.digest or 'no digest'})")
+        click.echo(printable(f"copied {src} -> {info.url} ({_size(info.size)}, {info.digest or 'no digest'})"))
 
 
 COMMANDS = (inspect_command, ls_command, cp_command)

@@ -473,7 +473,7 @@ def parse_header(body: bytes | bytearray | memoryview, file_size: int, url: str)
         raise corrupt(f"JSON nested deeper than {HEADER_DEPTH} levels; a safetensors header is "
                       "an object of tensor entries and string metadata")
     if shape.objects > MAX_TENSORS + 2:
-        raise StorageError(f"{url!r}: the header describes {shape.objects - 2:,} tensors or more; "
+        raise StorageError(f"{url!r}: the header holds {shape.objects:,} JSON objects (one per tensor); "
                            f"adapterkit reads at most {MAX_TENSORS:,} tensors per file")
     if shape.members + shape.items > (MAX_DIMS + 8) * shape.objects + 2 * MAX_METADATA_KEYS:
         raise corrupt(f"{shape.members + shape.items:,} JSON values, more than {shape.objects:,} "
@@ -483,20 +483,18 @@ def parse_header(body: bytes | bytearray | memoryview, file_size: int, url: str)
     except UnicodeDecodeError as exc:
         raise corrupt(f"not UTF-8 at byte {exc.start}") from None
     try:
-        table = json.loads(text, parse_constant=_no_constant)
+        table = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_compact)
     except RecursionError:  # not reached after the scan; kept as a guard
         raise corrupt(f"JSON nested deeper than {HEADER_DEPTH} levels") from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, ints over 4,300 digits
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN/Infinity, ints over 4,300 digits
         raise corrupt(first_line(exc)) from None
     if not isinstance(table, dict):
         raise corrupt("not a JSON object")
-    members = len(table)
     metadata = table.pop(METADATA, {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("__metadata__ must map strings to strings")
     if len(metadata) > MAX_METADATA_KEYS:
         raise corrupt(f"{len(metadata):,} metadata keys; adapterkit reads at most {MAX_METADATA_KEYS:,}")
-    members += len(metadata)
     for key, value in metadata.items():
         if _SURROGATE.search(key) or _SURROGATE.search(value):
             raise corrupt(f"metadata {brief(key)} holds a lone surrogate (not valid Unicode)")
@@ -508,12 +506,7 @@ def parse_header(body: bytes | bytearray | memoryview, file_size: int, url: str)
     data_size = file_size - header_size
     tensors: dict[str, TensorInfo] = {}
     for name in list(table):  # entry by entry, so the parsed JSON is freed as the infos are built
-        entry = table.pop(name)
-        if isinstance(entry, dict):
-            members += len(entry)
-        tensors[name] = _tensor_info(name, entry, url)
-    if members != shape.members:  # json.loads keeps the last of duplicate keys silently
-        raise corrupt("duplicate keys")
+        tensors[name] = _tensor_info(name, table.pop(name), url)
     _check_layout(tensors, data_size, url)
     header = Header(header_size, data_size, tensors, metadata)
     if version is not None:
@@ -571,25 +564,55 @@ def _tensor_info(name: str, entry: Any, url: str) -> TensorInfo:
 
     if _SURROGATE.search(name):
         raise bad("a lone surrogate in the name (not valid Unicode)")
-    if not isinstance(entry, dict):
-        raise bad("entry is not an object")
-    if entry.keys() != ENTRY_KEYS:
-        raise bad(f"entry keys {brief(sorted(entry))}, expected data_offsets, dtype, shape")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise bad(f"unsupported dtype {brief(dtype)}")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape)
-            or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS):
-        raise bad(f"bad shape {brief(shape)} (at most {MAX_DIMS} dimensions, at most 2**62 elements "
-                  "counting zeros as ones)")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if not isinstance(entry, _Entry):  # _compact left it a dict: say what is wrong with it
+        if not isinstance(entry, dict):
+            raise bad("entry is not an object")
+        if entry.keys() != ENTRY_KEYS:
+            raise bad(f"entry keys {brief(sorted(entry))}, expected data_offsets, dtype, shape")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise bad(f"unsupported dtype {brief(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int for d in shape):
+            raise bad(f"bad shape {brief(shape)} (a list of at most {MAX_DIMS} integers)")
         raise bad(f"bad data_offsets {brief(offsets)}")
+    dtype, shape, offsets = entry
+    if (not all(0 <= d <= MAX_ELEMENTS for d in shape)
+            or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS):
+        raise bad(f"bad shape {brief(list(shape))} (at most 2**62 elements, counting zeros as ones)")
+    if not 0 <= offsets[0] <= offsets[1]:
+        raise bad(f"bad data_offsets {brief(list(offsets))}")
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
-        raise bad(f"{offsets[1] - offsets[0]} bytes for shape {tuple(shape)} {dtype}, expected {expected}")
-    return TensorInfo(name, dtype, tuple(shape), (offsets[0], offsets[1]))
+        raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} {dtype}, expected {expected}")
+    return TensorInfo(name, dtype, shape, offsets)
+
+
+class _Entry(tuple):  # type: ignore[type-arg]
+    """A tensor entry compacted as soon as it is parsed: (dtype, shape, offsets), typed."""
+
+    __slots__ = ()
+
+
+_DTYPE_KEYS = {name: name for name in DTYPES}  # one string object per dtype name
+
+
+def _compact(pairs: list[tuple[str, Any]]) -> Any:
+    """``object_pairs_hook`` for headers: a well-typed tensor entry becomes a small tuple of
+    tuples the moment it is parsed (a dict holding two lists costs about three times as
+    much, and a header is mostly entries); any other object stays a dict, for
+    :func:`_tensor_info` to say what is wrong with it. Duplicate keys are refused."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Refused(f"duplicate key {brief(key)}")
+    if len(out) == 3 and out.keys() == ENTRY_KEYS:
+        dtype, shape, offsets = out["dtype"], out["shape"], out["data_offsets"]
+        if (type(dtype) is str and dtype in _DTYPE_KEYS and type(shape) is list and len(shape) <= MAX_DIMS
+                and all(type(d) is int for d in shape) and type(offsets) is list and len(offsets) == 2
+                and type(offsets[0]) is int and type(offsets[1]) is int):
+            return _Entry((_DTYPE_KEYS[dtype], tuple(shape), (offsets[0], offsets[1])))
+    return out
 
 
 def _check_layout(tensors: Mapping[str, TensorInfo], data_size: int, url: str) -> None:

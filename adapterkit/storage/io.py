@@ -9,7 +9,9 @@ crash mid-write leaves the old file in place:
 - ``memory://``: the whole file is assembled and stored in one dict assignment;
 - object stores (S3, GCS, Azure, ...): write the final key directly: a store publishes
   an object only when its upload completes (a killed multipart upload stays invisible),
-  and an object "rename" would be a second full copy; a failed upload is aborted;
+  and an object "rename" would be a second full copy; a failed upload is aborted, and
+  a killed save's unfinished S3 upload is aborted by the next save to that key
+  (:func:`abort_uploads`);
 - other writable filesystems (SFTP, FTP, ...): hidden temp name, then ``mv``.
 
 Durability against power loss (fsync) is not attempted: these guarantees are about
@@ -130,6 +132,8 @@ def write_atomic(loc: Location, parts: Sequence[Buffer]) -> None:
         elif isinstance(fs, MemoryFileSystem):
             fs.pipe_file(loc.path, parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts))
         elif loc.protocol in OBJECT_STORES:
+            with contextlib.suppress(Exception):  # best effort: saving needs no listing permission
+                abort_uploads(loc)
             _stream(fs, loc.path, parts)
         else:
             tmp = temp_name(loc.path)
@@ -139,6 +143,33 @@ def write_atomic(loc: Location, parts: Sequence[Buffer]) -> None:
             except BaseException:
                 _remove_quietly(fs, tmp)
                 raise
+
+
+def abort_uploads(loc: Location, *, under: bool = False) -> list[str]:
+    """Abort unfinished S3 multipart uploads: those of exactly ``loc``'s key, or with
+    ``under`` every one below ``loc`` taken as a folder. A save killed mid-upload leaves
+    its upload behind: never visible as an object, but its parts are stored (and billed)
+    until aborted. Every save to a key first aborts that key's unfinished uploads (a killed
+    save's, or a concurrent save's: the later save wins, as it would anyway); ``adapterkit
+    ls --clean`` aborts those under a prefix. Returns the keys whose uploads were aborted.
+    Other stores: nothing to do (GCS resumable uploads expire by themselves)."""
+    fs = loc.fs
+    call = getattr(fs, "call_s3", None)
+    if loc.protocol not in ("s3", "s3a") or call is None:
+        return []
+    bucket, key, _ = fs.split_path(loc.path)
+    prefix = (key.rstrip("/") + "/" if key else "") if under else key
+    found: list[tuple[str, str]] = []
+    request = {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        page = call("list_multipart_uploads", **request)
+        found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if under or u["Key"] == key]
+        if not page.get("IsTruncated") or not page.get("NextKeyMarker"):
+            break
+        request.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page.get("NextUploadIdMarker", ""))
+    for name, upload in found:
+        call("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload)
+    return [name for name, _ in found]
 
 
 def temp_name(path: str) -> str:

@@ -207,23 +207,21 @@ def fetch(
 def decode(
     header: Header, wanted: list[TensorInfo], pieces: list[tuple[Buffer, int]], url: str, verify: bool
 ) -> dict[str, Tensor]:
-    """Tensors aliasing the read buffers (no copy), after checking each one's digest."""
-    views = [
-        memoryview(buf)[base + i.offsets[0] : base + i.offsets[1]]
-        for i, (buf, base) in zip(wanted, pieces, strict=True)
-    ]
+    """Tensors aliasing the read buffers (no copy), each checked against its digest; one
+    view at a time (a header may list 100,000 tensors: no list of views)."""
+    expected: dict[str, str] | None = None
     if verify:
         key = data_digest_key(header)
         assert key is not None  # check() refused files without digests
-        expected = header.json_value(key)
-        for info, digest in zip(wanted, hash_all(views, key), strict=True):
-            if digest != expected[info.name]:
-                raise StorageError(f"{url!r}: tensor {info.name!r} does not match its data digest; "
-                                   "the file is corrupted or was modified")
+        expected, digest = header.json_value(key), DATA_DIGESTS[key]
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffers only reach load(), which copies
-        for info, view in zip(wanted, views, strict=True):
+        for info, (buf, base) in zip(wanted, pieces, strict=True):
+            view = memoryview(buf)[base + info.offsets[0] : base + info.offsets[1]]
+            if expected is not None and digest(view) != expected[info.name]:
+                raise StorageError(f"{url!r}: tensor {info.name!r} does not match its data digest; "
+                                   "the file is corrupted or was modified")
             if view.nbytes == 0:
                 out[info.name] = torch.empty(info.shape, dtype=info.torch_dtype)
             else:

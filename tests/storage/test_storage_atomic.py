@@ -103,6 +103,10 @@ def test_sigkill_mid_upload_keeps_previous_s3_adapter(s3: dict[str, Any]) -> Non
     fresh = base_model()
     adapterkit.load(url, fresh, storage_options=s3["options"])
     assert_same_adapter(previous, fresh)
+    # the killed upload is left behind (invisible, but its parts are stored) until the next save to that key
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=s3["bucket"]).get("Uploads", [])] == [key]
+    adapterkit.save(previous, url, storage_options=s3["options"])
+    assert not client.list_multipart_uploads(Bucket=s3["bucket"]).get("Uploads")
 
 
 def versions() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
