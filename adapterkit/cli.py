@@ -28,12 +28,21 @@ class AdapterkitGroup(click.Group):
         self._plugins_added = True
         host = get_host()
         for impl in host.pm.hook.adapterkit_register_commands.get_hookimpls():
-            try:  # one by one: a plugin whose hook raises must not take the CLI down
+            try:  # one by one: a plugin whose hook raises (or exits) must not take the CLI down
                 impl.function(*[{"cli": self}[arg] for arg in impl.argnames])
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 failure = PluginFailure(impl.plugin_name, f"{type(exc).__name__}: {exc}")
                 host.failures.append(failure)
                 click.echo(f"warning: {failure}", err=True)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The usual help, then the plugins that failed to load (by name, with the reason):
+        a broken plugin leaves the CLI working and says which it is."""
+        super().format_help(ctx, formatter)
+        failures = get_host().failures
+        if failures:
+            with formatter.section("Plugins that failed to load (adapterkit plugins: details)"):
+                formatter.write_dl([(repr(f.name), f"failed to load ({f.reason()})") for f in failures])
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._plugin_commands()

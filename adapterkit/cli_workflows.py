@@ -119,9 +119,15 @@ class AdaptModeChoice(click.ParamType):
         return "[" + "|".join(self._names()) + "]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .plugins import get_host
+
         names = self._names()
         if value not in names:
-            hint = ", ".join(names) or "none: install a plugin that provides adaptation modes (e.g. adapterkit's poly)"
+            registry = get_host().adapt_modes
+            if names or registry.unavailable and registry.unavailable():
+                hint = f"{', '.join(names) or 'none'} {registry.missing_hint()}"  # names a plugin that did not load
+            else:
+                hint = "none: install a plugin that provides adaptation modes (e.g. adapterkit's poly)"
             self.fail(f"unknown adaptation mode {value!r}; available: {hint}", param, ctx)
         return str(value)
 

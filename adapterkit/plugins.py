@@ -68,6 +68,17 @@ class PluginFailure:
     def __str__(self) -> str:
         return f"plugin {self.name!r} failed to load: {self.error}"
 
+    def reason(self) -> str:
+        """The error's first line, escaped to printable ASCII and cut at 200 characters."""
+        first = (self.error.splitlines() or [""])[0]
+        if len(first) > 200:
+            first = first[:200] + "..."
+        return first.encode("unicode_escape").decode("ascii")
+
+    def brief(self) -> str:
+        """``'name' failed to load (Error: first line of the message)``, on one line."""
+        return f"{self.name!r} failed to load ({self.reason()})"
+
 
 def _env_list(name: str) -> set[str]:
     return {item.strip() for item in os.environ.get(name, "").split(",") if item.strip()}
@@ -84,6 +95,19 @@ class PluginHost:
         }
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
+        self.blocked: list[str] = []  # entry points named in ADAPTERKIT_BLOCK_PLUGINS
+        self.not_enabled: list[str] = []  # third-party entry points left out by ADAPTERKIT_DISABLE_PLUGIN_AUTOLOAD
+        for registry in self.registries.values():
+            registry.unavailable = self.unavailable
+
+    def unavailable(self) -> list[str]:
+        """The plugins that did not load, each in a few words (an unknown name's error lists
+        them: ``unknown adapter kind 'lora'`` when the plugin providing it is broken or blocked)."""
+        out = [failure.brief() for failure in self.failures]
+        out += [f"{name!r} is blocked by {ENV_BLOCK}" for name in self.blocked]
+        out += [f"{name!r} is not enabled ({ENV_DISABLE_AUTOLOAD} is set; add it to {ENV_PLUGINS})"
+                for name in self.not_enabled]
+        return out
 
     # typed accessors ------------------------------------------------------------
     @property
@@ -137,9 +161,15 @@ class PluginHost:
         # never the built-ins (a name sorting before "builtins" would otherwise take them down)
         for ep in sorted(eps, key=lambda e: (e.dist is None or e.dist.name != BUILTIN_DISTRIBUTION, e.name)):
             dist = ep.dist.name if ep.dist is not None else None
-            if ep.name in blocked or ep.name in self.plugins or any(f.name == ep.name for f in self.failures):
+            if ep.name in self.plugins or any(f.name == ep.name for f in self.failures):
+                continue
+            if ep.name in blocked:
+                if ep.name not in self.blocked:
+                    self.blocked.append(ep.name)
                 continue
             if not autoload and dist != BUILTIN_DISTRIBUTION and ep.name not in wanted:
+                if ep.name not in self.not_enabled:
+                    self.not_enabled.append(ep.name)
                 continue
             try:
                 plugin = ep.load()
@@ -159,7 +189,7 @@ class PluginHost:
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # plugin code (a hookimpl marker, ...) must not exit the host
             self._forget(plugin)
             self.failures.append(PluginFailure(name, f"{type(exc).__name__}: {exc}"))
             return None
@@ -180,7 +210,7 @@ class PluginHost:
                 added += [(registry, n) for n in new]
                 if new:
                     provides[role] = sorted(new)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a registration hook calling sys.exit() is a failure too
             for registry, entry in added:  # leave no half-registered plugin behind
                 registry._items.pop(entry, None)
                 registry._providers.pop(entry, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from .errors import DuplicateNameError, UnknownNameError
@@ -23,6 +23,9 @@ class Registry(Mapping[str, type[T]], Generic[T]):
         self._items: dict[str, type[T]] = {}
         self._providers: dict[str, str] = {}
         self._current_plugin = "<direct>"
+        # set by the plugin host: the plugins that did not load (failed, blocked, not
+        # enabled), each described in a few words; an unknown name names them
+        self.unavailable: Callable[[], list[str]] | None = None
 
     def add(self, name: str, cls: type[T]) -> None:
         """Register ``cls`` under ``name``; a name already taken raises."""
@@ -52,10 +55,17 @@ class Registry(Mapping[str, type[T]], Generic[T]):
             return self._items[name]
         except KeyError:
             available = ", ".join(sorted(self._items)) or "none"
-            raise UnknownNameError(
-                f"unknown {self.role} {name!r}; available: {available} "
-                f"(a plugin package providing it may need to be installed)"
-            ) from None
+            hint = self.missing_hint()
+            raise UnknownNameError(f"unknown {self.role} {name!r}; available: {available} {hint}") from None
+
+    def missing_hint(self) -> str:
+        """Where a missing name may be: a plugin that did not load, else a package to install."""
+        missing = self.unavailable() if self.unavailable is not None else []
+        if len(missing) == 1:
+            return f"(plugin {missing[0]} and might provide it)"
+        if missing:
+            return f"(plugins that might provide it did not load: {'; '.join(missing)})"
+        return "(a plugin package providing it may need to be installed)"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
