@@ -87,9 +87,10 @@ def test_train_to_s3_merge_eval(runner: CliRunner, tmp_path: Any, s3_bucket: str
 
     merged = f"{mem}/merged.safetensors"
     # -o/--storage-option reaches every read and write: with fsspec's S3 endpoint config
-    # removed, only the option below finds the moto server
+    # removed, only the option below finds the moto server (an s3.* table: the options of
+    # s3:// links; the memory:// target takes none, and unknown options are errors)
     endpoint = fsspec.config.conf["s3"]["client_kwargs"]["endpoint_url"]
-    option = ["-o", f"client_kwargs.endpoint_url={endpoint}"]
+    option = ["-o", f"s3.client_kwargs.endpoint_url={endpoint}"]
     saved_conf = fsspec.config.conf.pop("s3")
     try:
         import s3fs
