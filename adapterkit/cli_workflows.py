@@ -31,6 +31,14 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
+def _check_report(target: str | None, storage: dict[str, Any] | None = None) -> None:
+    """A ``--json FILE`` is checked writable before the work (``-``: stdout)."""
+    if target not in (None, "-"):
+        from .workflows.outputs import check_writable
+
+        check_writable(target, "--json", storage)
+
+
 def _write_json(data: Any, target: str | None, storage: dict[str, Any] | None = None) -> None:
     text = json.dumps(data, indent=2)
     if target in (None, "-"):
@@ -38,8 +46,11 @@ def _write_json(data: Any, target: str | None, storage: dict[str, Any] | None = 
     else:
         import fsspec
 
-        with fsspec.open(target, "w", **(storage or {})) as f:
-            f.write(text + "\n")
+        try:
+            with fsspec.open(target, "w", **(storage or {})) as f:
+                f.write(text + "\n")
+        except (OSError, ValueError, NotImplementedError) as exc:
+            raise AdapterkitError(f"--json: cannot write {target!r}: {type(exc).__name__}: {exc}") from None
 
 
 @click.command("train")
@@ -94,6 +105,7 @@ def train_command(
         sets["checkpoint.url"] = checkpoint_url
     if sets:
         cfg = workflows.with_overrides(cfg, sets)
+    _check_report(json_out, storage)
     result = workflows.train(
         cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=click.echo, storage_options=storage
     )

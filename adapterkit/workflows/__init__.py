@@ -21,6 +21,7 @@ from .data import Corpus, DataError
 from .defaults import DEFAULT_CONFIG
 from .evaluation import Row
 from .manage import evaluate_artifact, merge_artifact
+from .outputs import OutputError
 from .run import TrainResult, train
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "Corpus",
     "DataError",
+    "OutputError",
     "Row",
     "TrainResult",
     "WorkflowConfig",

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import AdapterkitError
 from ..storage import inspect, load_tensors, save_tensors
+from ..storage.errors import printable
 from ..zoo import Classifier
 from .config import without_secrets
 from .models import load_trainable_state, trainable_state
@@ -81,7 +82,7 @@ def load_checkpoint(
     info = inspect(url, storage_options=storage_options)
     if KEY not in info.metadata:
         raise AdapterkitError(f"{url!r} is not a training checkpoint")
-    meta = json.loads(info.metadata[KEY])
+    meta = _metadata(info.metadata[KEY], url)
     ours = fingerprint(config)
     for section in ours:
         if meta["fingerprint"].get(section) != ours[section]:
@@ -94,10 +95,80 @@ def load_checkpoint(
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
+            _, pid, key = (name.split(".", 2) + ["", ""])[:3]
+            if not (pid.isdigit() and key):
+                raise _malformed(url, f"tensor {name!r} is not optim.<parameter>.<state>")
             state.setdefault(int(pid), {})[key] = value
     for pid, entries in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(entries)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    # values the optimizer and scheduler would only trip over mid-run: each saved field
+    # must be one this run's own state has, of the same kind
+    own_groups = optimizer.state_dict()["param_groups"]
+    groups = enumerate(zip(meta["param_groups"], own_groups, strict=False))
+    pairs = [(f"param_groups[{i}]", saved, own) for i, (saved, own) in groups]
+    for where, saved, own in (*pairs, ("scheduler", meta["scheduler"], scheduler.state_dict())):
+        for key, value in saved.items():
+            if key not in own or _kind(value) != _kind(own[key]):
+                raise _malformed(url, f"{where} field {key!r} does not fit this run's {_kind(own.get(key))}")
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise AdapterkitError(
+            f"checkpoint {url!r}: its optimizer or scheduler state does not fit this run ({printable(reason, 300)})"
+        ) from None
     return int(meta["step"])
+
+
+# what each metadata field of a checkpoint must be
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "world": (int,),
+    "fingerprint": (dict,),
+    "param_groups": (list,),
+    "scalars": (dict,),
+    "scheduler": (dict,),
+}
+
+
+def _malformed(url: str, reason: str) -> AdapterkitError:
+    return AdapterkitError(f"checkpoint {url!r}: malformed checkpoint metadata ({printable(reason, 300)})")
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind, numbers alike (``1`` and ``1.0``), lists and tuples alike."""
+    if value is None or isinstance(value, (bool, str, dict)):
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list of " + ",".join(sorted({_kind(v) for v in value}))
+    return type(value).__name__
+
+
+def _metadata(text: str, url: str) -> dict[str, Any]:
+    """The checkpoint's metadata, each field of the type it must have (one-line errors:
+    a checkpoint is a file like any other, and its digests only say it is unchanged)."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise _malformed(url, f"not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise _malformed(url, f"expected a JSON object, got {type(meta).__name__}")
+    for key, types in _FIELDS.items():
+        if key not in meta:
+            raise _malformed(url, f"no {key!r}")
+        value = meta[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise _malformed(url, f"{key!r} must be a {types[0].__name__}, got {type(value).__name__}")
+    if meta["step"] < 0 or meta["world"] < 1:
+        raise _malformed(url, f"step {meta['step']} / world {meta['world']} out of range")
+    if not all(isinstance(group, dict) for group in meta["param_groups"]):
+        raise _malformed(url, "'param_groups' must be a list of objects")
+    for pid, entries in meta["scalars"].items():
+        if not pid.isdigit() or not isinstance(entries, dict):
+            raise _malformed(url, f"'scalars' must map parameter numbers to objects, got {pid!r}")
+        if not all(_kind(v) in ("number", "bool", "NoneType") for v in entries.values()):
+            raise _malformed(url, f"'scalars' of parameter {pid} must be numbers")
+    return meta

@@ -44,6 +44,40 @@ class Dist:
             dist.barrier()
 
 
+def available_devices() -> list[str]:
+    """The device strings this machine takes: ``auto``, ``cpu``, ``cuda`` and ``cuda:N``
+    for each visible GPU, ``mps`` where Apple's backend is available."""
+    names = ["auto", "cpu"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        names += ["cuda", *(f"cuda:{i}" for i in range(count))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(preference: str, local_rank: int | None = None, *, what: str = "config key 'train.device'") -> None:
+    """Refuse, before any work, a device string this machine does not have (one line
+    naming those it has). ``cuda`` under torchrun means ``cuda:LOCAL_RANK``."""
+    from .config import ConfigError
+
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    available = available_devices()
+    wanted = f"cuda:{local_rank}" if preference == "cuda" else preference
+    if isinstance(preference, str) and wanted in available:
+        return
+    from ..storage.errors import printable
+
+    shown = repr(printable(str(preference), 100))
+    if preference == "cuda" and "cuda" in available:
+        reason = f"{what} is 'cuda', but this process (LOCAL_RANK {local_rank}) has no cuda:{local_rank}"
+    else:
+        reason = f"{what} is {shown}, which this machine does not have"
+    raise ConfigError(f"{reason}; available here: {', '.join(available)}")
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")

@@ -15,10 +15,11 @@ from ..zoo import Classifier
 from .artifacts import Artifact, save_artifact
 from .config import WorkflowConfig
 from .data import Corpus, encode
-from .distributed import Dist, setup, teardown
+from .distributed import Dist, check_device, setup, teardown
 from .evaluation import Row, evaluate
 from .loop import Echo, Trainer, epoch_evaluator, merged_copy
 from .models import build_classifier, is_routed, recipe_for_tasks, resolve_backbone
+from .outputs import check_writable
 
 
 @attrs.frozen
@@ -36,14 +37,16 @@ class TrainResult:
 def prepare(config: WorkflowConfig, host: PluginHost | None = None) -> tuple[WorkflowConfig, Corpus, Classifier]:
     """Load the data and build the classifier (recipe's router tasks filled from the data)."""
     corpus = Corpus.load(config.data, config.train.seed, host)
+    # the router's task count against the data's before the backbone is built (a Poly
+    # router declaring 3 tasks must not train silently on single-task data)
+    recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
+    config = attrs.evolve(config, recipe=recipe)
     backbone = resolve_backbone(config.model, host)
     if backbone.modality != corpus.dataset.modality:
         raise AdapterkitError(
             f"backbone {config.model.backbone!r} takes {backbone.modality} but dataset "
             f"{config.data.dataset!r} holds {corpus.dataset.modality}"
         )
-    recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
-    config = attrs.evolve(config, recipe=recipe)
     classifier = build_classifier(
         backbone, recipe, len(corpus.classes), seed=config.train.seed, probe=corpus.train[0], host=host
     )
@@ -68,6 +71,7 @@ def train(
     """
     if stop_at is not None and config.checkpoint.url is None:
         raise AdapterkitError("--stop-at needs [checkpoint] url (or --checkpoint URL) to save the run")
+    check_run(config, resume=resume, stop_at=stop_at, storage_options=storage_options)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     dist = setup(config.train.device)
@@ -75,6 +79,25 @@ def train(
         return _train(config, dist, resume, stop_at, progress, echo, host, storage_options)
     finally:
         teardown(dist)
+
+
+def check_run(
+    config: WorkflowConfig,
+    *,
+    resume: str | bool = False,
+    stop_at: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """What can fail without doing the work, checked before it: the device, and every URL
+    the run writes (outputs; the checkpoint when the run saves one)."""
+    check_device(config.train.device)
+    if resume is True and config.checkpoint.url is None:
+        raise AdapterkitError("--resume needs [checkpoint] url in the config (or --checkpoint URL)")
+    for what, url in (("output.adapter", config.output.adapter), ("output.merged", config.output.merged)):
+        if url is not None:
+            check_writable(url, what, storage_options)
+    if config.checkpoint.url is not None and (config.checkpoint.every or stop_at is not None):
+        check_writable(config.checkpoint.url, "checkpoint.url", storage_options)
 
 
 def _train(
