@@ -53,6 +53,16 @@ def _write_json(data: Any, target: str | None, storage: dict[str, Any] | None = 
             raise AdapterkitError(f"--json: cannot write {target!r}: {type(exc).__name__}: {exc}") from None
 
 
+def trust_file_option(function: Any) -> Any:
+    """``--trust-file``: rebuild what the file names (adapter files are untrusted input)."""
+    return click.option(
+        "--trust-file",
+        is_flag=True,
+        help="Trust the adapter file: import the model factory (module:factory) and read the data URLs or paths "
+        "it names. Without it such a file is refused; registered backbones and datasets need no trust.",
+    )(function)
+
+
 @click.command("train")
 @click.argument("config", required=False)
 @click.option("--default", "use_default", is_flag=True, help="Run the embedded default (also when CONFIG is omitted).")
@@ -163,6 +173,7 @@ class AdaptModeChoice(click.ParamType):
 )
 @click.option("--json", "json_out", metavar="FILE", help="Write the results as JSON ('-': stdout).")
 @click.option("--no-progress", is_flag=True)
+@trust_file_option
 @storage_option
 def adapt_command(
     inventory: str,
@@ -179,6 +190,7 @@ def adapt_command(
     output: str | None,
     json_out: str | None,
     no_progress: bool,
+    trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
     """Few-shot adaptation of a trained skill inventory (INVENTORY: a train output URL) to a new task."""
@@ -190,6 +202,7 @@ def adapt_command(
     except ValueError:
         raise AdapterkitError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     storage = parse_options(options_storage_option)
+    _check_report(json_out, storage)
     runs = adapt(
         inventory,
         task,
@@ -206,6 +219,7 @@ def adapt_command(
         progress=not no_progress,
         echo=click.echo,
         storage_options=storage,
+        trust_file=trust_file,
     )
     click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
     stats = summary(runs)
@@ -242,15 +256,21 @@ def adapt_command(
 @click.argument("dst")
 @click.option("--merger", help="Merger name (default: the recipe's).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Merger argument (TOML value).")
+@trust_file_option
 @storage_option
 def merge_command(
-    src: str, dst: str, merger: str | None, args: tuple[str, ...], options_storage_option: tuple[str, ...]
+    src: str,
+    dst: str,
+    merger: str | None,
+    args: tuple[str, ...],
+    trust_file: bool,
+    options_storage_option: tuple[str, ...],
 ) -> None:
     """Merge a trained adapter (SRC URL) into a deployable one (DST URL)."""
     from .workflows import merge_artifact
 
     storage = parse_options(options_storage_option)
-    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"), storage_options=storage)
+    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"), storage_options=storage, trust_file=trust_file)
     assert merged.merger is not None
     click.echo(f"merged {src} with {merged.merger['name']!r} -> {dst}")
 
@@ -261,6 +281,7 @@ def merge_command(
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of a table.")
+@trust_file_option
 @storage_option
 def eval_command(
     url: str,
@@ -268,6 +289,7 @@ def eval_command(
     tasks: tuple[str, ...],
     batch_size: int,
     as_json_flag: bool,
+    trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
     """Accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
@@ -275,7 +297,9 @@ def eval_command(
     from .workflows.evaluation import as_json, table
 
     storage = parse_options(options_storage_option)
-    rows = evaluate_artifact(url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage)
+    rows = evaluate_artifact(
+        url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage, trust_file=trust_file
+    )
     if as_json_flag:
         click.echo(json.dumps({"url": url, "split": split, "rows": as_json({"x": rows})["x"]}, indent=2))
     else:
@@ -286,17 +310,23 @@ def eval_command(
 @click.argument("url")
 @click.argument("png")
 @click.option("--site", metavar="PATTERN", help="Only sites matching this target pattern (default: mean of all).")
+@trust_file_option
 @storage_option
-def heatmap_command(url: str, png: str, site: str | None, options_storage_option: tuple[str, ...]) -> None:
+def heatmap_command(
+    url: str, png: str, site: str | None, trust_file: bool, options_storage_option: tuple[str, ...]
+) -> None:
     """Save the task x skill routing weights (one panel per head) of a routed adapter as PNG."""
-    from .workflows import load_artifact
+    from .workflows import load_artifact, read_artifact
     from .workflows.heatmap import plot, routing_table
+    from .workflows.outputs import check_writable
 
     storage = parse_options(options_storage_option)
-    classifier, artifact = load_artifact(url, storage_options=storage)
-    tasks = [artifact.extra["task"]] if artifact.extra.get("task") else artifact.tasks
+    check_writable(png, "PNG", storage)
+    artifact, _ = read_artifact(url, storage_options=storage)  # the metadata alone: no model built yet
+    tasks = [str(artifact.extra["task"])] if artifact.extra.get("task") else artifact.tasks
     if not tasks:
         raise AdapterkitError(f"{url!r} was trained on single-task data: no task routing to plot")
+    classifier, artifact = load_artifact(url, storage_options=storage, trust_file=trust_file)
     weights = routing_table(classifier, len(tasks), site)
     title = f"routing ({artifact.config.recipe.router.name}), {site or 'mean over sites'}"
     plot(weights, tasks, png, title=title, storage_options=storage)

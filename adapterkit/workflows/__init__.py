@@ -8,13 +8,16 @@ Python::
     workflows.merge_artifact(src_url, dst_url)
     rows = workflows.evaluate_artifact(dst_url)
 
+A saved run is an untrusted file: rebuilding it imports a ``module:factory`` backbone or
+opens a data URL it names only with ``trust_file=True`` (``--trust-file``).
+
 The CLI (``adapterkit train|adapt|merge|eval|heatmap``) wraps these.
 """
 
 from __future__ import annotations
 
 from .adapt import AdaptRun, adapt
-from .artifacts import Artifact, load_artifact, read_artifact, save_artifact
+from .artifacts import Artifact, UntrustedFileError, load_artifact, read_artifact, save_artifact
 from .config import ConfigError, WorkflowConfig, from_dict, from_toml, with_overrides
 from .config import load as load_config
 from .data import Corpus, DataError
@@ -34,6 +37,7 @@ __all__ = [
     "OutputError",
     "Row",
     "TrainResult",
+    "UntrustedFileError",
     "WorkflowConfig",
     "adapt",
     "evaluate_artifact",

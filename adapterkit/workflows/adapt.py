@@ -27,13 +27,14 @@ from ..attach import adapt as adapt_model
 from ..errors import AdapterkitError
 from ..plugins import get_host
 from ..storage import save_tensors
-from .artifacts import Artifact, load_artifact, read_artifact, save_artifact
+from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
 from .config import OptimConfig, TrainConfig
 from .data import Corpus, check_task, encode, few_shot
 from .distributed import Dist
 from .evaluation import Row, evaluate
 from .loop import Echo, Trainer
 from .models import is_routed
+from .outputs import check_writable_prefix
 
 
 @attrs.frozen
@@ -63,15 +64,26 @@ def adapt(
     progress: bool = True,
     echo: Echo = print,
     storage_options: Mapping[str, Any] | None = None,
+    trust_file: bool = False,
 ) -> list[AdaptRun]:
+    """Adapt the inventory at ``url`` to ``task`` with ``mode``, one run per seed.
+
+    ``trust_file``: the inventory may name a ``module:factory`` backbone to import and
+    call and data URLs or paths to read; without it such a file is refused before
+    anything is imported or opened. ``output`` is checked writable before any work."""
     mode_cls = get_host().adapt_modes[mode]
     takes_init = "init" in {f.name for f in attrs.fields(mode_cls.Config)}
     mode_args: dict[str, Any] = {"init": _row_init(init)} if takes_init else {}
+    if not seeds:
+        raise AdapterkitError("adapt needs at least one seed")
+    if output:
+        check_writable_prefix(output, f"{task}-{mode}-k{k}-seed{seeds[0]}.safetensors", "--output", storage_options)
     artifact, _ = read_artifact(url, storage_options=storage_options)
     if artifact.stage != "trained" or not artifact.tasks:
         raise AdapterkitError(
             f"{url!r} is not a trained multi-task inventory (stage {artifact.stage!r}, {len(artifact.tasks)} tasks)"
         )
+    check_trusted(artifact.config, url, trust_file=trust_file, data=True)
     # Reload the inventory's dataset with all its tasks: the new task is usually held out.
     args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
     data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)
@@ -83,7 +95,7 @@ def adapt(
     train_head = mode_cls.train_head if train_head is None else train_head
     runs = []
     for seed in seeds:
-        classifier, _ = load_artifact(url, storage_options=storage_options)
+        classifier, _ = load_artifact(url, storage_options=storage_options, trust_file=trust_file)
         prepared = adapt_model(classifier.body, mode, seed=seed, **mode_args)
         classifier.head.requires_grad_(train_head)
         trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)

@@ -310,11 +310,16 @@ def _split_args(table: dict[str, Any], own: tuple[str, ...]) -> tuple[dict[str, 
     return mine, table
 
 
-def load_recipe(table: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> Recipe:
-    """The ``[recipe]`` table: inline recipe keys, or ``file = URL`` of a recipe TOML."""
+def load_recipe(
+    table: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None, *, recipe_files: bool = True
+) -> Recipe:
+    """The ``[recipe]`` table: inline recipe keys, or ``file = URL`` of a recipe TOML
+    (only with ``recipe_files``: a config read back from an adapter file names no URL to open)."""
     table = dict(table)
     try:
         if "file" in table:
+            if not recipe_files:
+                raise ConfigError("the recipe must be inline here, not recipe.file = URL (a file names no URL to open)")
             url = table.pop("file")
             _check(not table, f"[recipe] has file = {url!r}: put the other keys in that file, not beside it")
             return Recipe.from_toml(read_text(url, storage_options))
@@ -336,7 +341,15 @@ def read_text(url: str, storage_options: Mapping[str, Any] | None = None) -> str
         raise ConfigError(f"cannot read {url}: {exc}") from None
 
 
-def from_dict(data: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> WorkflowConfig:
+def from_dict(
+    data: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None, *, recipe_files: bool = True
+) -> WorkflowConfig:
+    """A config from its plain-dict form (a parsed TOML, or what artifacts store).
+
+    ``recipe_files=False`` refuses ``[recipe] file = URL``: for configs read from files
+    (artifact metadata), which must not make adapterkit open a URL they name."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config is a table, got {type(data).__name__}")
     known = {"model", "data", "recipe", *SECTIONS}
     for key in data:
         _check(key in known, f"unknown config key {key!r}; valid sections: {', '.join(sorted(known))}")
@@ -348,7 +361,7 @@ def from_dict(data: Mapping[str, Any], storage_options: Mapping[str, Any] | None
         data_own["dataset"] = "files"  # your own data: [data] train = "URL"
     sections = {name: _build(cls, name, _table(data, name)) for name, cls in SECTIONS.items()}
     return WorkflowConfig(
-        recipe=load_recipe(_table(data, "recipe"), storage_options),
+        recipe=load_recipe(_table(data, "recipe"), storage_options, recipe_files=recipe_files),
         model=_build(ModelConfig, "model", {**model_own, "args": model_args}),
         data=_build(DataConfig, "data", {**data_own, "args": data_args}),
         **sections,

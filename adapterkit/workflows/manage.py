@@ -9,10 +9,11 @@ import attrs
 
 from ..attach import merge
 from ..errors import AdapterkitError
-from .artifacts import Artifact, load_artifact, save_artifact
+from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
 from .data import Corpus, check_task, encode
 from .evaluation import Row, evaluate
 from .models import is_routed
+from .outputs import check_writable
 
 
 def merge_artifact(
@@ -22,9 +23,14 @@ def merge_artifact(
     args: Mapping[str, Any] | None = None,
     *,
     storage_options: Mapping[str, Any] | None = None,
+    trust_file: bool = False,
 ) -> Artifact:
-    """Load ``src``, merge every site (default: the recipe's merger), save to ``dst``."""
-    classifier, artifact = load_artifact(src, storage_options=storage_options)
+    """Load ``src``, merge every site (default: the recipe's merger), save to ``dst``.
+
+    ``trust_file``: ``src`` may name a ``module:factory`` backbone to import and call
+    (see :func:`~.artifacts.load_artifact`)."""
+    check_writable(dst, "the merge target", storage_options)
+    classifier, artifact = load_artifact(src, storage_options=storage_options, trust_file=trust_file)
     if artifact.stage == "merged":
         raise AdapterkitError(f"{src!r} is already merged")
     name = merger or artifact.config.recipe.merger.name
@@ -39,9 +45,15 @@ def merge_artifact(
     return merged
 
 
-def evaluation_data(artifact: Artifact, split: str, tasks: Sequence[str] = ()) -> tuple[Any, list[str]]:
-    """The artifact's own data (its dataset and selection), restricted to ``tasks``."""
+def evaluation_data(
+    artifact: Artifact, split: str, tasks: Sequence[str] = (), *, trust_file: bool = False, url: str = "the file"
+) -> tuple[Any, list[str]]:
+    """The artifact's own data (its dataset and selection), restricted to ``tasks``.
+
+    A registered dataset loads as it is; data URLs and paths the file (``url``) names are
+    opened only with ``trust_file``."""
     config = artifact.config
+    check_trusted(config, url, trust_file=trust_file, data=True)
     corpus = Corpus.load(config.data, config.train.seed)
     adapted = artifact.extra.get("task")
     inventory = [adapted] if adapted else list(artifact.tasks)
@@ -65,9 +77,16 @@ def evaluate_artifact(
     tasks: Sequence[str] = (),
     batch_size: int = 128,
     storage_options: Mapping[str, Any] | None = None,
+    trust_file: bool = False,
 ) -> list[Row]:
-    classifier, artifact = load_artifact(url, storage_options=storage_options)
-    examples, inventory = evaluation_data(artifact, split, tasks)
+    """Accuracy and macro-F1 of the run saved at ``url`` on its own data.
+
+    ``trust_file``: the file may name a ``module:factory`` backbone to import and call and
+    data URLs or paths to read; without it such a file is refused before anything runs."""
+    artifact, _ = read_artifact(url, storage_options=storage_options)
+    check_trusted(artifact.config, url, trust_file=trust_file, data=True)  # before the model is built
+    classifier, artifact = load_artifact(url, storage_options=storage_options, trust_file=trust_file)
+    examples, inventory = evaluation_data(artifact, split, tasks, trust_file=trust_file, url=url)
     data = encode(classifier.backbone, examples, artifact.classes, inventory)
     rows = evaluate(classifier, data, inventory, batch_size, is_routed(classifier))
     if tasks and len(inventory) > 1:

@@ -78,6 +78,11 @@ def test_device_names_follow_the_machine(monkeypatch: pytest.MonkeyPatch) -> Non
         check_device("cuda", 0)
 
 
+def test_load_artifact_checks_its_device() -> None:
+    with pytest.raises(ConfigError, match="device is 'cuda:77'"):
+        workflows.load_artifact("memory://never/read.safetensors", device="cuda:77")
+
+
 # --- output, checkpoint and report URLs ------------------------------------------------
 
 
@@ -122,6 +127,17 @@ def test_a_checkpoint_url_that_is_never_written_is_not_checked(tmp_path: Any, me
     check_run(config)  # every = 0 and no --stop-at: the run only reads it (on --resume)
     with pytest.raises(AdapterkitError, match="checkpoint.url"):
         check_run(config, stop_at=3)
+
+
+def test_adapt_merge_heatmap_check_their_outputs_first(runner: CliRunner, tmp_path: Any, mem: str) -> None:
+    never = f"{mem}/never-read.safetensors"  # the outputs are refused before the input is opened
+    _fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--output", "https://example.invalid/a"],
+           "--output", "read-only")
+    _fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--json", str(tmp_path)],
+           "--json", "that is a folder")
+    _fails(runner, ["merge", never, "http://127.0.0.1:9/m.safetensors"], "the merge target", "read-only")
+    _fails(runner, ["merge", never, f"{mem}/out/"], "the merge target", "names a folder")
+    _fails(runner, ["heatmap", never, str(tmp_path)], "PNG", "that is a folder")
 
 
 # --- the router's tasks against the data's ---------------------------------------------
