@@ -570,7 +570,7 @@ def _tensor_info(name: str, entry: Any, url: str) -> TensorInfo:
         if entry.keys() != ENTRY_KEYS:
             raise bad(f"entry keys {brief(sorted(entry))}, expected data_offsets, dtype, shape")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise bad(f"unsupported dtype {brief(dtype)}")
         if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int for d in shape):
             raise bad(f"bad shape {brief(shape)} (a list of at most {MAX_DIMS} integers)")
@@ -664,13 +664,17 @@ def adapter_fields(header: Header, url: str) -> AdapterFields:
         return StorageError(f"{url!r}: corrupt adapterkit metadata ({key}: {reason})")
 
     def value(key: str, max_values: int) -> Any:
+        """The key's JSON value, ``None`` when absent (a present ``null`` is refused)."""
         raw = header.metadata.get(key)
         if raw is None:
             return None
         try:
-            return loads_bounded(raw, MAX_JSON_DEPTH, max_values)
+            parsed = loads_bounded(raw, MAX_JSON_DEPTH, max_values)
         except ValueError as exc:
             raise bad(key, str(exc)) from None
+        if parsed is None:
+            raise bad(key, "null")
+        return parsed
 
     if header.version is None:
         return AdapterFields(None, {}, (), ())
