@@ -13,6 +13,9 @@ tensor is aligned. Metadata keys:
 ``adapterkit.sites``      JSON list of adapted module names (adapters)
 ``adapterkit.extra``      JSON list of the tensors stored beside an adapter that are not
                           part of it (e.g. a classifier head); ``load`` skips them
+``adapterkit.folded``     JSON ``{"recipe": ..., "sites": [...]}``: sites folded into base
+                          weights, their own factors stored (``load`` refolds them; format 3)
+``adapterkit.history``    JSON list of the steps (attach, merge, adapt) that made it (format 3)
 ``adapterkit.writer``     ``adapterkit <version>`` that wrote the file
 ``adapterkit.xxh3_128``   JSON ``{tensor: XXH3-128 hex of its bytes}``: the tensor data
                           digest, per tensor so a partial load can verify what it fetched
