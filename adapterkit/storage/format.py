@@ -710,6 +710,8 @@ def adapter_fields(header: Header, url: str) -> AdapterFields:
         if reason:
             raise bad(KEY_FOLDED, reason)
         _names(folded["sites"], KEY_FOLDED, bad)
+    if header.content == "adapter" and recipe is None and not (folded and folded["sites"]):
+        raise StorageError(f"{url!r}: corrupt adapterkit metadata (an adapter without its recipe)")
     history = value(KEY_HISTORY, MAX_RECIPE_VALUES)
     if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise bad(KEY_HISTORY, f"expected a JSON list of steps, got {brief(history)}")

@@ -162,6 +162,11 @@ JSON_VALUES = st.recursive(JUNK | NASTY_TEXT, lambda inner: st.lists(inner, max_
 STRING_VALUES = st.one_of(NASTY_TEXT, JSON_VALUES.map(json.dumps), st.sampled_from(["1", "2", "3", "4", "01", "3 "]),
                           st.sampled_from(["adapter", "tensors", "adapterkit 0.1.0", "sha256:" + "0" * 64]))
 METADATA_VALUES = STRING_VALUES | JUNK
+RECIPES = st.fixed_dictionaries({"adapter": st.fixed_dictionaries(
+    {"kind": st.sampled_from(["lora", "nope"]) | JUNK, "targets": st.just(["0"]) | JUNK})}) | JSON_VALUES
+RECIPE_LIKE = st.one_of(RECIPES.map(json.dumps), st.fixed_dictionaries(
+    {"recipe": RECIPES, "sites": st.lists(NASTY_TEXT, max_size=2) | JUNK}).map(json.dumps),
+    st.lists(st.dictionaries(st.sampled_from(["op", "plugin", "name"]), NASTY_TEXT | JUNK), max_size=2).map(json.dumps))
 MUTATIONS = ["field", "entry", "extra_key", "data_length", "metadata", "metadata_value", "dims", "offsets"]
 
 
@@ -248,8 +253,11 @@ def crafted_metadata(draw: Any, good: bytes) -> bytes:
     check is reached (the digest is right)."""
     header = parse_whole(good, "good")
     meta = dict(header.metadata)
-    for key in draw(st.lists(st.sampled_from(sorted(k for k in meta if k != fmt.KEY_DIGEST)), max_size=3)):
-        meta[key] = draw(STRING_VALUES)
+    keys = sorted({*meta, fmt.KEY_FOLDED, fmt.KEY_EXTRA} - {fmt.KEY_DIGEST})
+    for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
+        meta[key] = draw(STRING_VALUES | RECIPE_LIKE)
+    for key in draw(st.lists(st.sampled_from(keys), max_size=2)):
+        meta.pop(key, None)
     if draw(st.booleans()):
         meta[draw(NASTY_TEXT.filter(lambda k: not k.startswith("adapterkit.")))] = draw(NASTY_TEXT)
     infos = sorted(header.tensors.values(), key=lambda i: i.offsets)
