@@ -29,6 +29,7 @@ import torch
 from ..errors import AdapterkitError
 from ..storage import AdapterInfo, inspect, load, load_tensors, save
 from ..storage.errors import printable
+from ..storage.format import MAX_JSON_DEPTH, loads_bounded
 from ..zoo import Classifier
 from . import config as cfg
 from .models import build_classifier, resolve_backbone
@@ -127,7 +128,7 @@ class Artifact:
                 "adapters saved with adapterkit.save load with adapterkit.load"
             )
         try:
-            body = json.loads(metadata[KEY])
+            body = loads_bounded(metadata[KEY], MAX_JSON_DEPTH)
             if not isinstance(body, Mapping):
                 raise ValueError(f"expected a JSON object, got {type(body).__name__}")
             # an artifact's recipe is inline: a recipe.file URL in a file is never opened

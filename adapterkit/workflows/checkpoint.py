@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import AdapterkitError
 from ..storage import inspect, load_tensors, save_tensors
 from ..storage.errors import printable
+from ..storage.format import MAX_JSON_DEPTH, loads_bounded
 from ..zoo import Classifier
 from .config import without_secrets
 from .models import load_trainable_state, trainable_state
@@ -151,7 +152,7 @@ def _metadata(text: str, url: str) -> dict[str, Any]:
     """The checkpoint's metadata, each field of the type it must have (one-line errors:
     a checkpoint is a file like any other, and its digests only say it is unchanged)."""
     try:
-        meta = json.loads(text)
+        meta = loads_bounded(text, MAX_JSON_DEPTH)
     except ValueError as exc:
         raise _malformed(url, f"not JSON: {exc}") from None
     if not isinstance(meta, dict):

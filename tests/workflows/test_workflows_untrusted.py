@@ -299,3 +299,16 @@ def test_a_recipe_url_in_a_file_is_never_opened(inventory: str, http_data: Serve
     with pytest.raises(adapterkit.AdapterkitError, match="corrupt workflow metadata"):
         read_artifact(url)
     assert http_data.requests == []
+
+
+def test_deeply_nested_workflow_metadata_is_one_line(inventory: str) -> None:
+    body = mlp(32)
+    adapterkit.load(inventory, body)
+    info = adapterkit.inspect(inventory)
+    head = adapterkit.load_tensors(inventory, list(info.extra))
+    deep = f"{BASE}/deep.safetensors"
+    adapterkit.save(body, deep, metadata={"workflow": "[" * 100_000 + "]" * 100_000}, extra_tensors=head)
+    with pytest.raises(AdapterkitError, match=r"corrupt workflow metadata \(JSON nested deeper than") as info_:
+        read_artifact(deep)
+    assert "\n" not in str(info_.value)
+    _fails(CliRunner(), ["eval", deep], "corrupt workflow metadata")
