@@ -18,6 +18,8 @@ here, by job:
   ``site.delta_weight()`` (kinds that are linear in their input implement it).
 - **Model helpers**: :func:`sites`, :func:`replace_sites` (adaptation modes),
   :func:`mix_skills`, :func:`batched_linear`, :func:`factory_kwargs`.
+- **Low-rank factors** (mergers): :func:`concat_factors` (a weighted sum of LoRA updates,
+  exactly), :func:`truncate` and :func:`factorize` (best rank-n by SVD), :func:`effective_rank`.
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
   :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
 - **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
@@ -32,6 +34,7 @@ from __future__ import annotations
 from .attach import attach, replace_sites, sites
 from .errors import AdapterkitError, RecipeError
 from .hookspecs import hookimpl
+from .lowrank import concat_factors, effective_rank, factorize, truncate
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import (
@@ -87,6 +90,9 @@ __all__ = [
     "Splitter",
     "attach",
     "batched_linear",
+    "concat_factors",
+    "effective_rank",
+    "factorize",
     "factory_kwargs",
     "hookimpl",
     "load_tensors",
@@ -103,4 +109,5 @@ __all__ = [
     "replace_sites",
     "save_tensors",
     "sites",
+    "truncate",
 ]

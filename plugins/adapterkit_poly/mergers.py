@@ -18,7 +18,16 @@ import torch
 from torch import Tensor, nn
 
 import adapterkit
-from adapterkit.plugin_api import AdapterkitError, AdapterSite, Folded, Merger, one_of, positive
+from adapterkit.plugin_api import (
+    AdapterkitError,
+    AdapterSite,
+    Folded,
+    Merger,
+    concat_factors,
+    one_of,
+    positive,
+    truncate,
+)
 
 
 @torch.no_grad()
@@ -110,14 +119,9 @@ def delta_merge(site: AdapterSite, weights: Sequence[float], rank: int | None) -
     if set(site.projections) != {"A", "B"}:
         raise ValueError(f"site {site.site_name!r}: mode='delta' needs a LoRA site, got {site.kind!r}")
     expected = site.expected_weights()
-    skill_a, skill_b = expected["A"], expected["B"]  # [K, d_in, r], [K, r, d_out]
-    w = torch.tensor(weights, dtype=skill_a.dtype, device=skill_a.device)
-    a = (skill_a * w[:, None, None]).permute(1, 0, 2).flatten(1)  # [d_in, K*r]
-    b = skill_b.flatten(0, 1)  # [K*r, d_out]
+    a, b = concat_factors(expected["A"], expected["B"], weights)  # [d_in, K*r], [K*r, d_out]
     if rank is not None:
-        u, s, vh = torch.linalg.svd(a.double() @ b.double(), full_matrices=False)
-        root = s[:rank].sqrt()
-        a, b = (u[:, :rank] * root).to(a.dtype), (root[:, None] * vh[:rank]).to(b.dtype)
+        a, b = truncate(a, b, rank)
     return lora_like(site, a, b)
 
 
