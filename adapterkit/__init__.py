@@ -25,6 +25,7 @@ from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import AdaptMode, Folded, LossTerm, Merger, Partition, Projection, ProjectionSpec, Router, Sampler, Splitter
 from .site import AdapterSite
+from .stack import stack
 from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
 
 __version__ = "0.1.0"
@@ -73,6 +74,7 @@ __all__ = [
     "save",
     "save_tensors",
     "sites",
+    "stack",
     "summary",
     "unmerge",
 ]
