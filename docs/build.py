@@ -34,6 +34,7 @@ NAV: list[tuple[str, str]] = [
     ("Poly", "methods/poly.md"),
     ("MHR", "methods/mhr.md"),
     ("Averaging and merging", "methods/averaging.md"),
+    ("Stacking and merging experts", "methods/merging.md"),
     ("Workflows", "workflows.md"),
     ("Storage", "storage.md"),
     ("PEFT interop", "peft.md"),
