@@ -108,15 +108,17 @@ def stack(
 def _named(sources: Sequence[str] | Mapping[str, str]) -> list[tuple[str, str]]:
     if isinstance(sources, str):
         raise AdapterkitError("stack takes a list of adapter URLs (or a mapping {name: url}), not one string")
-    pairs = list(sources.items()) if isinstance(sources, Mapping) else [(display_name(u), u) for u in sources]
-    seen: dict[str, str] = {}
+    pairs = list(sources.items()) if isinstance(sources, Mapping) else [(None, u) for u in sources]
     for name, url in pairs:
-        if not isinstance(url, str) or not isinstance(name, str) or not name:
-            raise AdapterkitError(f"stack takes adapter URLs as strings, got {type(url).__name__}")
+        if not isinstance(url, str) or not isinstance(name, (str, type(None))) or name == "":
+            raise AdapterkitError(f"stack takes adapter URLs as strings (names too), got {type(url).__name__}")
+    named = [(display_name(url) if name is None else name, url) for name, url in pairs]
+    seen: dict[str, str] = {}
+    for name, url in named:
         if name in seen:
             raise AdapterkitError(f"two adapters named {name!r}: name them, stack({{'a': url1, 'b': url2}}, model)")
         seen[name] = url
-    return pairs
+    return named
 
 
 def display_name(url: str) -> str:

@@ -182,3 +182,5 @@ def test_stack_verifies_digests_and_refuses_an_attached_model(lib: str) -> None:
         adapterkit.stack(urls, attached)
     with pytest.raises(AdapterkitError, match="not one string"):
         adapterkit.stack(urls[0], small_base())  # type: ignore[arg-type]
+    with pytest.raises(AdapterkitError, match="URLs as strings"):
+        adapterkit.stack([urls[0], 3], small_base())  # type: ignore[list-item]
