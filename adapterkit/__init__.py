@@ -20,6 +20,7 @@ from .attach import (
 )
 from .errors import AdapterkitError, AttachError, RecipeError, RoutingError, UnknownNameError
 from .hookspecs import hookimpl
+from .library import Library
 from .plugins import PluginHost, get_host
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
@@ -37,6 +38,7 @@ __all__ = [
     "AdapterkitError",
     "AttachError",
     "Folded",
+    "Library",
     "LossTerm",
     "Merger",
     "Partition",

@@ -95,3 +95,8 @@ from .cli_workflows import COMMANDS as WORKFLOW_COMMANDS  # noqa: E402
 
 for _command in WORKFLOW_COMMANDS:
     cli.add_command(_command)
+
+from .cli_library import COMMANDS as LIBRARY_COMMANDS  # noqa: E402
+
+for _command in LIBRARY_COMMANDS:
+    cli.add_command(_command)

@@ -1,0 +1,117 @@
+"""Backends for the library tests: memory://, local folders, a real moto S3 server and a
+Range-capable HTTP server on loopback (which records the paths it serves)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import http.server
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "storage"))
+from storage_helpers import RangeHandler  # noqa: E402
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def memory_url() -> str:
+    return f"memory://adapterkit-library-tests/{uuid.uuid4().hex}/lib"
+
+
+@pytest.fixture(scope="session")
+def library_moto() -> Iterator[str]:
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3(library_moto: str) -> dict[str, Any]:
+    """A fresh bucket: ``url`` of a library prefix in it, ``options`` that reach it."""
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": library_moto}}
+    bucket = f"lib-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    return {"bucket": bucket, "options": options, "endpoint": library_moto, "url": f"s3://{bucket}/lib"}
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(library URL, storage options) on each writable backend."""
+    if request.param == "memory":
+        return f"memory://adapterkit-library-tests/{uuid.uuid4().hex}/lib", {}
+    if request.param == "local":
+        return str(tmp_path / "lib"), {}
+    s3 = request.getfixturevalue("s3")
+    return s3["url"], s3["options"]
+
+
+@contextlib.contextmanager
+def s3_requests(options: dict[str, Any]) -> Iterator[collections.Counter[str]]:
+    """Count the S3 requests (by operation) that the s3fs client for ``options`` sends."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)  # fsspec's instance cache: the library's own client
+    fs.connect()
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(event_name: str, **_: Any) -> None:
+        counts[event_name.rpartition(".")[2]] += 1
+
+    fs.s3.meta.events.register("before-send.s3", count)
+    try:
+        yield counts
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3", count)
+
+
+@pytest.fixture
+def http_root(tmp_path: Any) -> Iterator[tuple[str, str, list[str]]]:
+    """(directory served, base URL, paths requested)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    paths: list[str] = []
+
+    class Recording(RangeHandler):
+        sent: list[int] = []
+
+        def do_GET(self) -> None:  # noqa: N802
+            paths.append(self.path)
+            super().do_GET()
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            paths.append(self.path)
+            super().do_HEAD()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Recording, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield str(root), f"http://127.0.0.1:{server.server_port}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
