@@ -181,7 +181,7 @@ def load_artifact(
     artifact, info = read_artifact(url, storage_options=storage_options)
     config = artifact.config
     check_trusted(config, url, trust_file=trust_file, data=False)
-    backbone = resolve_backbone(config.model)
+    backbone = resolve_backbone(config.model, seed=config.train.seed)
     probe = None
     if ":" in config.model.backbone:  # a user module: measure its feature size on one example
         from .data import Corpus

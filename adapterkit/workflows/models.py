@@ -53,8 +53,13 @@ class ModuleBackbone(Backbone):
         raise NotImplementedError  # measured on the first real example, see build_classifier
 
 
-def resolve_backbone(config: ModelConfig, host: PluginHost | None = None) -> Backbone:
-    """A registered backbone by name, or a user factory by ``module:attribute``."""
+def resolve_backbone(config: ModelConfig, host: PluginHost | None = None, *, seed: int = 0) -> Backbone:
+    """A registered backbone by name, or a user factory by ``module:attribute``.
+
+    A factory runs under ``torch.manual_seed(seed)`` (the run's seed; the global RNG is
+    restored after): a model it initialises randomly is the same model in every process,
+    so an adapter trained on it loads onto the same weights in ``eval``/``merge``/``adapt``.
+    """
     if ":" not in config.backbone:
         host = host or get_host()
         cls = host.backbones[config.backbone]
@@ -65,7 +70,9 @@ def resolve_backbone(config: ModelConfig, host: PluginHost | None = None) -> Bac
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot import model factory {config.backbone!r}: {exc}") from None
     try:
-        made = factory(**config.args)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            made = factory(**config.args)
     except TypeError as exc:
         raise ConfigError(f"model factory {config.backbone!r} rejected the [model] arguments: {exc}") from None
     if isinstance(made, Backbone):

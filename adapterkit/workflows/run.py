@@ -41,7 +41,7 @@ def prepare(config: WorkflowConfig, host: PluginHost | None = None) -> tuple[Wor
     # router declaring 3 tasks must not train silently on single-task data)
     recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
     config = attrs.evolve(config, recipe=recipe)
-    backbone = resolve_backbone(config.model, host)
+    backbone = resolve_backbone(config.model, host, seed=config.train.seed)
     if backbone.modality != corpus.dataset.modality:
         raise AdapterkitError(
             f"backbone {config.model.backbone!r} takes {backbone.modality} but dataset "
