@@ -202,7 +202,7 @@ def _object(value: Any, where: str, limit: int) -> dict[str, Any]:
 
 def _fields(value: Any, where: str, keys: Iterable[str]) -> dict[str, Any]:
     wanted = set(keys)
-    obj = _object(value, where, len(wanted))
+    obj = _object(value, where, MAX_LIST)
     if set(obj) != wanted:
         extra, missing = sorted(set(obj) - wanted), sorted(wanted - set(obj))
         raise _Bad(f"{where} has unknown key {printable(extra[0], 80)!r}" if extra else f"{where} lacks {missing[0]!r}")
@@ -273,7 +273,7 @@ def check_entry(value: Any, where: str) -> dict[str, Any]:
 
 def _parse(data: bytes, what: str) -> Any:
     if len(data) > MAX_BYTES:
-        raise _Bad(f"{what} is larger than {MAX_BYTES // 2**20} MiB")
+        raise _Bad(f"{what} is larger than {MAX_BYTES:,} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -995,8 +995,8 @@ class Library:
 
     def _store(self, write: bool = False) -> Store:
         if write not in self._stores:
-            location = resolve(self.url, self.storage_options, write=write)
-            store = Store(location, self.url)
+            location = resolve(self.url, self.storage_options)  # (a prefix: not a file URL to write)
+            store = Store(location, self.url)  # (unwraps caches)
             if write and store.read_only:
                 raise StorageError(f"cannot write library {self.url!r}: {location.protocol}:// URLs are read-only")
             self._stores[write] = store
@@ -1040,7 +1040,7 @@ class Library:
             raise
         try:
             if raw is None:
-                raise _Bad(f"the manifest is larger than {MAX_BYTES // 2**20} MiB")
+                raise _Bad(f"the manifest is larger than {MAX_BYTES:,} bytes")
             generation, entries = parse_manifest(raw)
         except _Bad as exc:
             raise self._damaged(f"in {MANIFEST}", exc) from None
@@ -1069,7 +1069,7 @@ class Library:
         for slot in slots:
             if slot.size is not None and slot.size > MAX_BYTES:
                 raise self._damaged(f"record {number}/{slot.index}", _Bad(f"a log record is larger than "
-                                                                          f"{MAX_BYTES // 2**20} MiB"))
+                                                                          f"{MAX_BYTES:,} bytes"))
         todo = [s for s in slots if s.data is None and s.size != 0]
         fetched = dict(zip((s.index for s in todo), store.read_many([f"{folder}/{s.index:010d}.json" for s in todo]),
                            strict=True))
