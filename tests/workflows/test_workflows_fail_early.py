@@ -13,7 +13,7 @@ import fsspec
 import pytest
 import torch
 from click.testing import CliRunner
-from wf_helpers import mlp_config, toml
+from wf_helpers import cli_fails, mlp_config, toml
 
 from adapterkit import workflows
 from adapterkit.cli import cli
@@ -21,17 +21,6 @@ from adapterkit.errors import AdapterkitError
 from adapterkit.storage import inspect, load_tensors, save_tensors
 from adapterkit.workflows import ConfigError
 from adapterkit.workflows.data import Corpus
-
-
-def _fails(runner: CliRunner, args: list[str], *expected: str) -> str:
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def _config(tmp_path: Any, **sections: dict[str, Any]) -> str:
@@ -58,7 +47,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.mark.parametrize("device", ["bogus", "cuda:77", "cuda:-1", "mps:0", ""])
 def test_unknown_devices_are_refused_up_front(runner: CliRunner, tmp_path: Any, device: str, no_work: None) -> None:
     path = _config(tmp_path)
-    line = _fails(runner, ["train", path, "--set", f'train.device="{device}"'], "config key 'train.device'")
+    line = cli_fails(runner, ["train", path, "--set", f'train.device="{device}"'], "config key 'train.device'")
     assert f"is {device!r}, which this machine does not have; available here: auto, cpu" in line
 
 
@@ -105,7 +94,7 @@ def test_unwritable_outputs_are_refused_before_training(
         ({}, ["--json", f"{mem}/reports/"], "--json", "names a folder"),
     ]
     for sections, extra, *expected in cases:
-        _fails(runner, ["train", _config(tmp_path, **sections), "--no-progress", *extra], *expected)
+        cli_fails(runner, ["train", _config(tmp_path, **sections), "--no-progress", *extra], *expected)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
@@ -115,7 +104,7 @@ def test_a_read_only_local_folder_is_refused(runner: CliRunner, tmp_path: Any, n
     locked.chmod(0o500)
     try:
         path = _config(tmp_path, output={"adapter": str(locked / "sub" / "a.safetensors")})
-        _fails(runner, ["train", path], "output.adapter", "is not writable")
+        cli_fails(runner, ["train", path], "output.adapter", "is not writable")
     finally:
         locked.chmod(0o700)
 
@@ -131,13 +120,13 @@ def test_a_checkpoint_url_that_is_never_written_is_not_checked(tmp_path: Any, me
 
 def test_adapt_merge_heatmap_check_their_outputs_first(runner: CliRunner, tmp_path: Any, mem: str) -> None:
     never = f"{mem}/never-read.safetensors"  # the outputs are refused before the input is opened
-    _fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--output", "https://example.invalid/a"],
+    cli_fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--output", "https://example.invalid/a"],
            "--output", "read-only")
-    _fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--json", str(tmp_path)],
+    cli_fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--json", str(tmp_path)],
            "--json", "that is a folder")
-    _fails(runner, ["merge", never, "http://127.0.0.1:9/m.safetensors"], "the merge target", "read-only")
-    _fails(runner, ["merge", never, f"{mem}/out/"], "the merge target", "names a folder")
-    _fails(runner, ["heatmap", never, str(tmp_path)], "PNG", "that is a folder")
+    cli_fails(runner, ["merge", never, "http://127.0.0.1:9/m.safetensors"], "the merge target", "read-only")
+    cli_fails(runner, ["merge", never, f"{mem}/out/"], "the merge target", "names a folder")
+    cli_fails(runner, ["heatmap", never, str(tmp_path)], "PNG", "that is a folder")
 
 
 # --- the router's tasks against the data's ---------------------------------------------
@@ -171,7 +160,7 @@ def test_a_router_declaring_more_tasks_than_the_data_is_an_error(
     path = os.path.join(str(tmp_path), "single.toml")
     with open(path, "w") as f:
         f.write(toml(single))
-    _fails(runner, ["train", path], "recipe router 'poly'", "declares tasks = 3", "the data has no tasks")
+    cli_fails(runner, ["train", path], "recipe router 'poly'", "declares tasks = 3", "the data has no tasks")
     with fsspec.open(f"{mem}/tasks.jsonl", "w") as f:
         f.write(_task_rows())
     multi = mlp_config(output={"adapter": adapter})
@@ -179,7 +168,7 @@ def test_a_router_declaring_more_tasks_than_the_data_is_an_error(
     multi["recipe"] = recipe
     with open(path, "w") as f:
         f.write(toml(multi))
-    _fails(runner, ["train", path], "declares tasks = 3", "the data has 2 tasks")
+    cli_fails(runner, ["train", path], "declares tasks = 3", "the data has 2 tasks")
     assert not os.path.exists(adapter)
 
 
@@ -240,7 +229,7 @@ def test_malformed_checkpoint_metadata_is_one_line(
 ) -> None:
     path, url = checkpoint
     bad = _rewritten(url, f"{mem}/bad.ckpt", edit)
-    line = _fails(runner, ["train", path, "--no-progress", "--resume", "--checkpoint", bad], expected)
+    line = cli_fails(runner, ["train", path, "--no-progress", "--resume", "--checkpoint", bad], expected)
     assert bad in line
 
 
@@ -253,7 +242,7 @@ def test_malformed_optimizer_tensor_names_are_one_line(
     tensors["optim.x." + name.split(".", 2)[2]] = tensors.pop(name)  # was ValueError: invalid literal for int()
     bad = _rewritten(url, f"{mem}/names.ckpt", lambda meta: meta, tensors)
     resume = ["train", path, "--no-progress", "--resume", "--checkpoint", bad]
-    _fails(runner, resume, "is not optim.<parameter>.<state>")
+    cli_fails(runner, resume, "is not optim.<parameter>.<state>")
     # the untouched checkpoint still resumes
     result = runner.invoke(cli, ["train", path, "--no-progress", "--resume"], catch_exceptions=False)
     assert result.exit_code == 0 and "resumed from" in result.output, result.output

@@ -25,7 +25,7 @@ import attrs
 import fsspec
 import pytest
 from click.testing import CliRunner
-from wf_helpers import mlp, mlp_config, toml
+from wf_helpers import cli_fails, mlp, mlp_config, toml
 
 import adapterkit
 from adapterkit import workflows
@@ -50,17 +50,6 @@ def _rows(n: int = 160) -> str:
         for i in range(n)
     ]
     return "".join(line + "\n" for line in lines)
-
-
-def _fails(runner: CliRunner, args: list[str], *expected: str) -> str:
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def _ok(runner: CliRunner, args: list[str]) -> Any:
@@ -151,7 +140,7 @@ def test_a_file_naming_a_module_factory_runs_nothing_without_trust(
     crafted = craft(inventory, f"{mem}/crafted.safetensors", model={"backbone": backbone, "hidden": 32})
     assert adapterkit.inspect(crafted).metadata["workflow"].count(backbone) == 1  # a valid file naming it
     args = _command(command, crafted, tmp_path, mem)
-    line = _fails(runner, args, f"the model factory '{backbone}' (code to import and call)", "--trust-file")
+    line = cli_fails(runner, args, f"the model factory '{backbone}' (code to import and call)", "--trust-file")
     assert crafted in line
     _untouched(name, marker)
     if command == "merge":
@@ -169,12 +158,12 @@ def test_subprocess_call_named_by_a_file_is_never_called(
                                                                    "args": ["touch", marker]})
     for args in (["eval", crafted], ["merge", crafted, f"{mem}/m.safetensors"],
                  ["heatmap", crafted, os.path.join(str(tmp_path), "h.png")]):
-        _fails(runner, args, "the model factory 'subprocess:call'", "--trust-file")
+        cli_fails(runner, args, "the model factory 'subprocess:call'", "--trust-file")
     with pytest.raises(AdapterkitError, match="subprocess:call.*--trust-file"):
         load_artifact(crafted)
     assert not os.path.exists(marker)
     # trusted, the factory is called (what the user asked for) and its result refused in one line
-    _fails(runner, ["eval", crafted, "--trust-file"], "must return a Backbone or an nn.Module, got int")
+    cli_fails(runner, ["eval", crafted, "--trust-file"], "must return a Backbone or an nn.Module, got int")
     assert os.path.exists(marker)
 
 
@@ -278,9 +267,9 @@ def test_adapt_never_requests_a_data_url_named_by_a_file(
     adapt = _command("adapt", crafted, tmp_path, mem)
     refused = runner.invoke(cli, adapt)
     assert http_data.requests == [], refused.output  # no request reached the server
-    line = _fails(runner, adapt, f"the data '{http_data.url}/tasks.jsonl' (a URL or path to open)", "--trust-file")
+    line = cli_fails(runner, adapt, f"the data '{http_data.url}/tasks.jsonl' (a URL or path to open)", "--trust-file")
     assert "model factory" not in line
-    _fails(runner, ["eval", crafted], f"'{http_data.url}/tasks.jsonl'", "--trust-file")
+    cli_fails(runner, ["eval", crafted], f"'{http_data.url}/tasks.jsonl'", "--trust-file")
     with pytest.raises(AdapterkitError, match="--trust-file"):
         workflows.adapt(crafted, "odd", "poly", k=2, steps=1, progress=False, echo=lambda _: None)
     assert http_data.requests == []
@@ -295,7 +284,7 @@ def test_a_recipe_url_in_a_file_is_never_opened(inventory: str, http_data: Serve
     corrupt metadata (reading the metadata alone would otherwise fetch it)."""
     url = craft(inventory, f"{mem}/recipe-url.safetensors", recipe={"file": f"{http_data.url}/recipe.toml"})
     for args in (["eval", url, "--trust-file"], ["merge", url, f"{mem}/x.safetensors"]):
-        _fails(runner, args, "corrupt workflow metadata", "recipe must be inline")
+        cli_fails(runner, args, "corrupt workflow metadata", "recipe must be inline")
     with pytest.raises(adapterkit.AdapterkitError, match="corrupt workflow metadata"):
         read_artifact(url)
     assert http_data.requests == []
@@ -311,4 +300,4 @@ def test_deeply_nested_workflow_metadata_is_one_line(inventory: str) -> None:
     with pytest.raises(AdapterkitError, match=r"corrupt workflow metadata \(JSON nested deeper than") as info_:
         read_artifact(deep)
     assert "\n" not in str(info_.value)
-    _fails(CliRunner(), ["eval", deep], "corrupt workflow metadata")
+    cli_fails(CliRunner(), ["eval", deep], "corrupt workflow metadata")

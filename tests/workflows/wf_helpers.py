@@ -7,7 +7,10 @@ import os
 from typing import Any
 
 import torch
+from click.testing import CliRunner
 from torch import nn
+
+from adapterkit.cli import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,3 +104,16 @@ def ddp_worker(rank: int, world: int, init_file: str, config: dict[str, Any], ou
         save_tensors(state(result.classifier), f"{out_dir}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
+
+
+def cli_fails(runner: CliRunner, args: list[str], *expected: str) -> str:
+    """Run the CLI expecting one ``error: ...`` line on stderr (exit 1, no traceback) containing
+    every ``expected`` text; returns the line."""
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
