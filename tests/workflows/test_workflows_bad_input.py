@@ -134,7 +134,8 @@ def test_task_not_in_the_inventory(runner: CliRunner, multitask_inventory: str) 
     trust = "--trust-file"
     line = cli_fails(runner, ["eval", multitask_inventory, "--task", "middle", trust], "task 'middle' is not in the")
     assert "the adapter's tasks" in line
-    line = cli_fails(runner, ["adapt", multitask_inventory, "--task", "middle", "--mode", "mhr-z", trust], "task 'middle'")
+    adapt = ["adapt", multitask_inventory, "--task", "middle", "--mode", "mhr-z", trust]
+    line = cli_fails(runner, adapt, "task 'middle'")
     assert "dataset 'files'; tasks: high, low" in line
     out = runner.invoke(cli, ["eval", multitask_inventory, "--task", "low", "--json", trust])
     assert out.exit_code == 0, out.output
