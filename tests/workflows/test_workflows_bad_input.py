@@ -151,7 +151,8 @@ def test_not_an_artifact_and_single_task_adapt(runner: CliRunner, tmp_path: Any,
     cli_fails(runner, ["eval", f"{mem}/missing.safetensors"], "missing.safetensors")
     config = mlp_config(train={"steps": 1}, output={"adapter": f"{mem}/single.safetensors"})
     assert runner.invoke(cli, ["train", _config_file(tmp_path, toml(config)), "--no-progress"]).exit_code == 0
-    cli_fails(runner, ["adapt", f"{mem}/single.safetensors", "--task", "x", "--mode", "poly"], "not a trained multi-task")
+    adapt = ["adapt", f"{mem}/single.safetensors", "--task", "x", "--mode", "poly"]
+    cli_fails(runner, adapt, "not a trained multi-task")
     cli_fails(runner, ["heatmap", f"{mem}/single.safetensors", str(tmp_path / "x.png")], "single-task data")
 
 
