@@ -9,6 +9,9 @@ here, by job:
   :class:`Sampler`, :class:`Router`, :class:`Merger`, :class:`AdaptMode`,
   :class:`LossTerm`, with their data (:class:`ProjectionSpec`, :class:`Partition`,
   :class:`Projection`) and :class:`Folded` (a merger's "fold this site into its base").
+- **Routing on the layer input** (Arrow): a router with ``needs_inputs = True`` implements
+  ``token_weights(x) -> [..., K]`` (and ``setup_inputs(features)``); the site then keeps its
+  weights ``[K, *shape]`` and a kind with ``input_features()`` (LoRA) mixes outputs per token.
 - **Site attributes**: ``site.site_name``, ``site.base``, ``site.skills``,
   ``site.splitter``/``sampler``/``router``, ``site.projections``, ``site.partition(name)``.
 - **Eval-mode weights of a site**: ``site.expected_weights()`` (``[K, *shape]``, the

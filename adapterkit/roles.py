@@ -152,6 +152,11 @@ class Router(Configurable, nn.Module):
     """
 
     needs_task_ids: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False
+    """Routers whose weights depend on the layer input (e.g. Arrow, per token) set this: the
+    site then skips :meth:`forward`, calls :meth:`token_weights` with its input and mixes
+    the skills' *outputs* per token. Only kinds that implement that path
+    (:meth:`AdapterSite.input_features`, e.g. LoRA) accept such a router."""
 
     def __init__(self, config: Any, *, heads: int, skills: int, generator: torch.Generator) -> None:
         Configurable.__init__(self, config)
@@ -161,6 +166,15 @@ class Router(Configurable, nn.Module):
 
     def check(self, skills: int) -> None:
         """Raise ``ValueError`` when this router cannot serve ``skills`` skills."""
+
+    def setup_inputs(self, features: int) -> None:
+        """Called once per site at attach when :attr:`needs_inputs`: ``features`` is the size of
+        the layer input's last dimension (size per-feature state here, e.g. prototypes)."""
+
+    def token_weights(self, inputs: Tensor) -> Tensor:
+        """``inputs[..., features] -> weights[..., K]``: skill weights per token, for routers
+        with :attr:`needs_inputs`; torch ops only (no host sync)."""
+        raise NotImplementedError
 
     @property
     def n_tasks(self) -> int | None:

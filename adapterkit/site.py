@@ -117,6 +117,12 @@ class AdapterSite(Configurable, nn.Module):
             raise ValueError(f"projections disagree on the number of heads: {sorted(heads)}")
         self.router = make_router(heads=heads.pop()).to(**factory)
         self.router.check(skills)
+        if self.router.needs_inputs:  # per-token routing on the layer input (Router.needs_inputs)
+            features = self.input_features()
+            if features is None:
+                raise ValueError(f"router {type(self.router).__name__} routes each token on the layer input; "
+                                 f"kind {self.kind!r} cannot mix its skills per token (use a LoRA)")
+            self.router.setup_inputs(features)
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter of the adapter (projections, router, kind extras), not of ``base``."""
@@ -127,6 +133,12 @@ class AdapterSite(Configurable, nn.Module):
     @classmethod
     def projection_specs(cls, base: nn.Module, config: Any) -> list[ProjectionSpec]:
         raise NotImplementedError
+
+    def input_features(self) -> int | None:
+        """The size of the layer input's last dimension, for kinds whose ``forward`` mixes the
+        skills' outputs per token under a router with ``needs_inputs`` (the router's
+        ``token_weights(x)``, with :meth:`weights` unmixed); ``None``: the kind cannot."""
+        return None
 
     def partition(self, name: str) -> Partition:
         partition: Partition = self.projections[name].partition  # type: ignore[assignment]
@@ -158,8 +170,13 @@ class AdapterSite(Configurable, nn.Module):
         size 1, e.g. one task id for the whole batch in eval) or ``[batch, *shape]``.
         In eval, when the router serves fewer tasks (``Router.n_tasks``) than the batch,
         weights are mixed once per task and gathered per example (no host sync): an eval
-        router's weights depend on the task id only.
+        router's weights depend on the task id only. Under a router that needs the layer
+        input (``Router.needs_inputs``) every weight stays ``[K, *shape]``: the kind mixes
+        the skills' outputs per token.
         """
+        if self.router.needs_inputs:
+            return {name: module(self.sampler.gates(self.partition(name), self.training, _device_of(module)))
+                    for name, module in self.projections.items()}
         index = None
         tasks = self.router.n_tasks
         task_ids = self.routing.task_ids

@@ -47,6 +47,10 @@ class LoRA(AdapterSite):
             ProjectionSpec("B", (config.r, base.out_features), "up", 1, zeros),
         ]
 
+    def input_features(self) -> int:
+        assert isinstance(self.base, nn.Linear)  # (projection_specs checked it)
+        return self.base.in_features  # routers with needs_inputs: per-token output mixing (_token_routed)
+
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
         """``scale * (A B)^T``, shaped like ``base.weight`` (eval weights: a split LoRA gives its expectation)."""
@@ -62,6 +66,8 @@ class LoRA(AdapterSite):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weights(x.shape[0])
         a, b = w["A"], w["B"]
+        if self.router.needs_inputs:
+            return self._token_routed(x, a, b)
         base = self.base
         if (
             a.dim() == 2 and not torch.is_grad_enabled() and type(base) is nn.Linear
@@ -75,3 +81,15 @@ class LoRA(AdapterSite):
         if self.scale != 1.0:
             hidden = hidden * self.scale  # on the r-wide hidden, not the d_out-wide output
         return batched_linear(hidden, b, add_to=base(x))
+
+    def _token_routed(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """Output mixing per token: ``W x + scale * sum_k w_k(x) (x A_k) B_k`` with the router's
+        ``token_weights(x) [..., K]``, as three batched ops for all K skills (no loop):
+        ``x @ [A_1 .. A_K]`` once, each token's r-wide blocks weighted, then ``@ [B_1; ..; B_K]``."""
+        skills, d_in, r = a.shape
+        coeff = self.router.token_weights(x)  # [..., K]
+        if self.scale != 1.0:
+            coeff = coeff * self.scale
+        hidden = self.dropout(x) @ a.transpose(0, 1).reshape(d_in, skills * r)  # [..., K * r]
+        hidden = (hidden.unflatten(-1, (skills, r)) * coeff.unsqueeze(-1)).flatten(-2)
+        return batched_linear(hidden, b.reshape(skills * r, -1), add_to=self.base(x))
