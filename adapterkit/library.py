@@ -11,15 +11,19 @@ listing and selecting cost a few requests whatever the library's size::
     <prefix>/<name>.safetensors                           the adapters
 
 Every change appends one small record to the log of the current generation, written
-create-only at the next free slot (S3 ``If-None-Match: *``, a local hard link, a lock
-in memory): two writers racing for a slot cannot both win, the loser re-lists and takes
-the next one, so no change is ever lost and none is applied twice. Readers read the
-manifest, then the few records after it. Every ``COMPACT_EVERY`` records a writer seals
-the generation (an empty record in the next slot, after which no record can join it) and
-folds the manifest and the sealed records into generation G+1, replaced by
-compare-and-swap (S3 ``If-Match`` on the ETag, a lock file locally, a lock in memory);
-whoever meets a seal finishes the fold (it is deterministic), so a writer that dies
-mid-compaction blocks nobody. Guarantees per backend are in ``docs/libraries.md``.
+create-only at the slot after the last one listed (S3 ``If-None-Match: *``, a local hard
+link, a lock in memory): two writers racing for a slot cannot both win, the loser lists
+again and takes the next one, so no change is lost and none is applied twice. Readers
+read the manifest, then the few records after it. Every ``COMPACT_EVERY`` records a
+writer seals the generation (an empty record in the next slot: no record can follow it)
+and folds the manifest and the sealed records into generation G+1, replacing the
+manifest by compare-and-swap (S3 ``If-Match`` on the ETag, ``flock`` on a lock file
+locally, a lock in memory). Writers that meet a seal append to the next generation, and
+readers follow sealed generations on, so a compaction blocks nobody, and one that dies
+is done by the next (a fold covers every sealed generation after the manifest). Folded records are kept (about
+1 KB a change): deleting one would free its slot for a writer that listed the generation
+before it was sealed, into a generation no compaction reads again. Guarantees per
+backend are in ``docs/libraries.md``.
 
 The manifest and the records are untrusted JSON (a library can come from anyone's
 bucket): sizes, nesting, value counts, types, names and bounds are checked before use,
@@ -420,10 +424,17 @@ class Store:
                 if any(data is None for data, _ in got):
                     raise StorageError(f"library {self.url!r}: a log record is larger than {MAX_BYTES:,} bytes")
                 return [data for data, _ in got]  # type: ignore[misc]
-            if self.backend == "other" and len(paths) > 1 and hasattr(self.fs, "_cat"):
-                got = self.fs.cat(paths)
-                return [bytes(got[p]) for p in paths]
-            return [bytes(self.fs.cat_file(p)) for p in paths]
+            if self.backend == "other" and len(paths) > 1 and hasattr(self.fs, "_cat_ranges"):
+                got = self.fs.cat_ranges(paths, [0] * len(paths), [MAX_BYTES + 1] * len(paths))
+                for item in got:
+                    if isinstance(item, BaseException):
+                        raise item
+                datas = [bytes(d) for d in got]
+            else:
+                datas = [bytes(self.fs.cat_file(p, start=0, end=MAX_BYTES + 1)) for p in paths]
+        if any(len(d) > MAX_BYTES for d in datas):
+            raise StorageError(f"library {self.url!r}: a log record is larger than {MAX_BYTES:,} bytes")
+        return datas
 
     def _s3_get(self, paths: Sequence[str]) -> list[tuple[bytes | None, str]]:
         """One GetObject each, concurrently: the body (None if over MAX_BYTES, left unread)
@@ -705,10 +716,23 @@ def _has_create_mode(fs: AbstractFileSystem) -> bool:
     return False
 
 
+def _path_link(parts: list[str]) -> int:
+    """Which link of a chained URL holds the path: the first that is not a bare protocol
+    name (``simplecache::s3://b/lib`` -> 1; ``zip://lib::a.zip`` -> 0)."""
+    from fsspec.registry import known_implementations
+
+    for i, part in enumerate(parts[:-1]):
+        if "://" in part or part not in known_implementations:
+            return i
+    return len(parts) - 1
+
+
 def join_url(url: str, rel: str) -> str:
-    """``url/rel`` on the first link of a possibly chained URL (``zip://lib::a.zip``)."""
-    head, sep, rest = url.partition("::")
-    return head.rstrip("/") + "/" + rel + sep + rest
+    """``url/rel``, on the link of a possibly chained URL that holds the path."""
+    parts = url.split("::")
+    i = _path_link(parts)
+    parts[i] = parts[i] + rel if parts[i].endswith("://") else parts[i].rstrip("/") + "/" + rel
+    return "::".join(parts)
 
 
 def _missing(exc: StorageError) -> bool:
@@ -756,9 +780,12 @@ class Library:
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
         if not isinstance(url, str):
             raise StorageError(f"library URLs are strings, got {type(url).__name__}")
-        head, sep, rest = url.partition("::")
-        stripped = head.rstrip("/")
-        self.url = stripped + sep + rest if stripped and not stripped.endswith(":") else url
+        parts = url.split("::")
+        i = _path_link(parts)
+        stripped = parts[i].rstrip("/")
+        if stripped and not stripped.endswith(":"):  # (not a bare root such as memory://)
+            parts[i] = stripped
+        self.url = "::".join(parts)
         self.storage_options = dict(storage_options or {})
         self._stores: dict[bool, Store] = {}
 
@@ -899,12 +926,13 @@ class Library:
         if not store.create(name + SUFFIX, data):
             raise StorageError(f"library {self.url!r} already has {name + SUFFIX!r}; remove {name!r} first "
                                "(or, if it is not listed, index it with adapterkit library rebuild)")
-        try:
-            self._append(store, [{"op": "put", "entry": entry}], generation)
+        try:  # (if no record was written, the file is not an entry: remove it, freeing the name)
+            generation, index = self._append(store, [{"op": "put", "entry": entry}], generation)
         except BaseException:
             with contextlib.suppress(Exception):
                 store.delete([name + SUFFIX])
             raise
+        self._compact_if_full(store, generation, index)
         return self._entry(entry)
 
     def remove(self, name: str) -> Entry:
@@ -916,8 +944,10 @@ class Library:
             raise StorageError(f"no adapter named {printable(repr(name), 200)} in library {self.url!r}"
                                f"{_did_you_mean(name, state)}")
         entry = state[name]
-        self._append(store, [{"op": "remove", "name": name, "digest": entry["digest"]}], chain.current.number)
+        generation, index = self._append(store, [{"op": "remove", "name": name, "digest": entry["digest"]}],
+                                         chain.current.number)
         store.delete([name + SUFFIX])
+        self._compact_if_full(store, generation, index)
         return self._entry(entry)
 
     def compact(self) -> int:
@@ -1089,22 +1119,26 @@ class Library:
         return _Generation(number, tuple(slots), tuple(ops), sealed)
 
     def _append(self, store: Store, ops: Sequence[Mapping[str, Any]], generation: int) -> tuple[int, int]:
-        """Write one record at the next free slot of the current generation (create-only;
-        a lost race re-lists and takes the next slot); compact when the generation is full."""
+        """Write one record at the slot after the last one listed in the current generation
+        (create-only; a lost race lists again and takes the next slot). Returns where."""
         record = dump_record(ops)
         for _ in range(MAX_ATTEMPTS):
             slots = store.slots(f"{LOG}/{generation:010d}")
             if slots and self._is_seal(store, generation, slots[-1]):
-                generation = self._compact(store)  # finish the fold, then append after it
+                generation += 1  # sealed: the next generation (its sealer folds it; readers follow on)
                 continue
             index = slots[-1].index + 1 if slots else 0
             if store.create(f"{LOG}/{generation:010d}/{index:010d}.json", record):
-                if index + 1 >= COMPACT_EVERY:
-                    with contextlib.suppress(StorageError):  # an optimisation: the next writer retries it
-                        self._seal(store, generation)
-                        self._compact(store)
                 return generation, index
         raise StorageError(f"library {self.url!r}: gave up after {MAX_ATTEMPTS} conflicting writes")
+
+    def _compact_if_full(self, store: Store, generation: int, index: int) -> None:
+        """After a record landed in slot ``index``: seal and fold a full generation. An
+        optimisation (the change is already in): a failure is left to the next writer."""
+        if index + 1 >= COMPACT_EVERY:
+            with contextlib.suppress(StorageError):
+                self._seal(store, generation)
+                self._compact(store)
 
     def _is_seal(self, store: Store, generation: int, slot: Slot) -> bool:
         if slot.size is not None:

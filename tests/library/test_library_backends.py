@@ -250,6 +250,24 @@ def test_http_is_read_only_and_reads_no_tensor(http_root: tuple[str, str, list[s
         Library(f"{base}/elsewhere").entries()
 
 
+def test_chained_urls(tmp_path: Any, memory_url: str) -> None:
+    """A read cache in front of the library: the control files bypass it, entries' URLs keep it."""
+    lib = Library.init(memory_url + "/")
+    assert lib.url == memory_url
+    lib.add(tiny(1), "a")
+    cache = str(tmp_path / "cache")
+    cached = Library(f"simplecache::{memory_url}/", storage_options={"simplecache": {"cache_storage": cache}})
+    assert cached.url == f"simplecache::{memory_url}"
+    assert [e.name for e in cached.entries()] == ["a"]
+    assert cached.get("a").url == f"simplecache::{memory_url}/a.safetensors"
+    fresh = cached.load("a", base_model())
+    assert adapterkit.summary(fresh).trainable > 0
+    cached.add(tiny(2), "b")  # writes go to the wrapped URL, and the next read sees them
+    assert [e.name for e in cached.entries()] == ["a", "b"] and [e.name for e in lib.entries()] == ["a", "b"]
+    assert library.join_url("zip://::x.zip", "a.safetensors") == "zip://a.safetensors::x.zip"
+    assert library.join_url("zip://lib/::x.zip", "a.safetensors") == "zip://lib/a.safetensors::x.zip"
+
+
 def test_entry_json_round_trip(memory_url: str) -> None:
     lib = Library.init(memory_url)
     entry = lib.add(tiny(1), "a", task="t", tags=["b", "a", "b"])

@@ -143,21 +143,22 @@ def test_stale_listing_loses_the_slot_and_takes_the_next(memory_url: str, monkey
     assert [e.name for e in lib.entries()] == ["first", "second"]
 
 
-def test_a_writer_meeting_a_seal_finishes_the_compaction(memory_url: str) -> None:
-    """A compactor that died after sealing blocks nobody: readers fold the sealed records
-    themselves, and the next writer finishes the fold and appends after it."""
+def test_a_compactor_that_dies_after_sealing_blocks_nobody(memory_url: str) -> None:
+    """A seal without its fold: readers fold the sealed records themselves, writers append
+    to the next generation, and the next compaction folds both generations."""
     lib = Library.init(memory_url)
     for i in range(3):
         lib.add(tiny(i), f"e{i}")
     store = lib._store(write=True)
     lib._seal(store, 0)  # ... and the compactor dies here
     assert [e.name for e in lib.entries()] == ["e0", "e1", "e2"]
-    assert library.parse_manifest(store.read(MANIFEST))[0] == 0
     lib.add(tiny(3), "e3")
-    generation, entries = library.parse_manifest(store.read(MANIFEST))
-    assert generation == 1 and sorted(entries) == ["e0", "e1", "e2"]
-    assert [s.index for s in store.slots(f"{LOG}/0000000001")] == [0]  # e3, after the fold
+    assert library.parse_manifest(store.read(MANIFEST))[0] == 0  # still not folded
+    assert [s.index for s in store.slots(f"{LOG}/0000000001")] == [0]  # e3, after the seal
     assert [e.name for e in lib.entries()] == ["e0", "e1", "e2", "e3"]
+    assert lib.compact() == 2  # seals generation 1 and folds both
+    generation, entries = library.parse_manifest(store.read(MANIFEST))
+    assert generation == 2 and sorted(entries) == ["e0", "e1", "e2", "e3"]
 
 
 def test_a_lost_compare_and_swap_is_retried(

@@ -87,7 +87,8 @@ CRAFTED = {
 def test_crafted_manifest_is_one_line(good: dict[str, Any], case: str) -> None:
     data, message = CRAFTED[case]
     write_manifest(good, data)
-    refused(good["url"], message)
+    # add reads the manifest's first 128 bytes only: this one's are well-formed
+    refused(good["url"], message, add=case != "deep nesting")
 
 
 @pytest.mark.parametrize(("changes", "message"), [
