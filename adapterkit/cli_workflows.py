@@ -252,27 +252,45 @@ def adapt_command(
 
 
 @click.command("merge")
-@click.argument("src")
-@click.argument("dst")
-@click.option("--merger", help="Merger name (default: the recipe's).")
+@click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
+@click.option("--merger", help="Merger name (default: the recipe's; with several sources: required, e.g. ties).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Merger argument (TOML value).")
+@click.option("--model", "model_name", metavar="BACKBONE", help="Base model for several sources (registered name or "
+              "module:factory); default: the one the first source's workflow metadata names.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Argument of --model.")
 @trust_file_option
 @storage_option
 def merge_command(
-    src: str,
-    dst: str,
+    paths: tuple[str, ...],
     merger: str | None,
     args: tuple[str, ...],
+    model_name: str | None,
+    model_args: tuple[str, ...],
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
-    """Merge a trained adapter (SRC URL) into a deployable one (DST URL)."""
-    from .workflows import merge_artifact
+    """Merge a trained adapter (SRC) into a deployable one (DST), or several compatible
+    adapters (experts: SRC SRC ...) into one, e.g. --merger ties --arg density=0.5."""
+    from .workflows import merge_adapters, merge_artifact
 
+    if len(paths) < 2:
+        raise click.UsageError("give SRC... DST: at least one source and the target URL")
+    *sources, dst = paths
     storage = parse_options(options_storage_option)
-    merged = merge_artifact(src, dst, merger, _pairs(args, "--arg"), storage_options=storage, trust_file=trust_file)
-    assert merged.merger is not None
-    click.echo(f"merged {src} with {merged.merger['name']!r} -> {dst}")
+    if len(sources) == 1:
+        merged = merge_artifact(sources[0], dst, merger, _pairs(args, "--arg"), storage_options=storage,
+                                trust_file=trust_file)
+        assert merged.merger is not None
+        click.echo(f"merged {sources[0]} with {merged.merger['name']!r} -> {dst}")
+        return
+    if merger is None:
+        raise click.UsageError("merging several adapters needs --merger (e.g. ties, task-arithmetic)")
+    from .workflows.config import ModelConfig
+
+    model = ModelConfig(model_name, _pairs(model_args, "--model-arg")) if model_name else None
+    info = merge_adapters(sources, dst, merger, _pairs(args, "--arg"), model=model, storage_options=storage,
+                          trust_file=trust_file)
+    click.echo(f"merged {len(sources)} adapters with {merger!r} -> {dst} ({info.method}, {len(info.sites)} sites)")
 
 
 @click.command("eval")

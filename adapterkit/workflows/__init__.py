@@ -23,7 +23,7 @@ from .config import load as load_config
 from .data import Corpus, DataError
 from .defaults import DEFAULT_CONFIG
 from .evaluation import Row
-from .manage import evaluate_artifact, merge_artifact
+from .manage import evaluate_artifact, merge_adapters, merge_artifact
 from .outputs import OutputError
 from .run import TrainResult, train
 
@@ -45,6 +45,7 @@ __all__ = [
     "from_toml",
     "load_artifact",
     "load_config",
+    "merge_adapters",
     "merge_artifact",
     "read_artifact",
     "save_artifact",

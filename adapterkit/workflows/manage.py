@@ -1,4 +1,4 @@
-"""``merge`` and ``eval`` on saved artifacts."""
+"""``merge`` and ``eval`` on saved artifacts; ``merge`` of several experts into one adapter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import attrs
 
 from ..attach import merge
 from ..errors import AdapterkitError
+from ..storage import AdapterInfo
 from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
+from .config import ModelConfig
 from .data import Corpus, check_task, encode
 from .evaluation import Row, evaluate
 from .models import is_routed
@@ -92,3 +94,42 @@ def evaluate_artifact(
     if tasks and len(inventory) > 1:
         rows = [r for r in rows if r.task in set(tasks) or r.task == "all"]
     return rows
+
+
+def merge_adapters(
+    sources: Sequence[str],
+    dst: str,
+    merger: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    model: ModelConfig | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    trust_file: bool = False,
+) -> AdapterInfo:
+    """Merge several compatible adapter files (experts) into one adapter file at ``dst``.
+
+    The experts are stacked onto a fresh base model as the skills of one site per target
+    (:func:`adapterkit.stack`), merged with ``merger`` (e.g. ``ties``, ``task-arithmetic``),
+    and the result saved as a plain adapter file. ``model`` names the base model (the
+    user's own choice); without it, the first source's workflow metadata may name a
+    registered backbone, or a ``module:factory`` one with ``trust_file``. Workflow heads are
+    not merged (the result is the body's adapter alone)."""
+    from ..attach import merge as merge_model
+    from ..stack import stack
+    from ..storage import inspect, save
+    from .models import resolve_backbone
+
+    if len(sources) < 2:
+        raise AdapterkitError(f"merging experts needs at least two adapter files, got {len(sources)}")
+    check_writable(dst, "the merge target", storage_options)
+    if model is None:
+        first = inspect(sources[0], storage_options=storage_options)
+        if "workflow" not in first.metadata:
+            raise AdapterkitError(f"{sources[0]!r} does not say its base model: give it with --model NAME")
+        artifact, _ = read_artifact(sources[0], storage_options=storage_options)
+        check_trusted(artifact.config, sources[0], trust_file=trust_file, data=False)
+        model = artifact.config.model
+    body = resolve_backbone(model).build()
+    stack(list(sources), body, storage_options=storage_options)
+    merge_model(body, merger, **dict(args or {}))
+    return save(body, dst, storage_options=storage_options)
