@@ -119,7 +119,8 @@ class Entry:
         return cls(
             name=data["name"], url=url, size=data["size"], digest=data["digest"],
             format_version=data["format_version"], content=data["content"], kind=data["kind"],
-            method=data["method"], recipe=data["recipe"], plugins=dict(data["plugins"]), sites=tuple(data["sites"]),
+            method=data["method"], recipe=_copy_json(data["recipe"]), plugins=dict(data["plugins"]),
+            sites=tuple(data["sites"]),
             tensors={k: tuple(v) for k, v in data["tensors"].items()},
             base=data["base"], base_shapes=None if shapes is None else {k: tuple(v) for k, v in shapes.items()},
             task=data["task"], tags=tuple(data["tags"]),
@@ -135,6 +136,15 @@ class Entry:
             "base_shapes": None if self.base_shapes is None else {k: list(v) for k, v in self.base_shapes.items()},
             "task": self.task, "tags": list(self.tags),
         }
+
+
+def _copy_json(value: Any) -> Any:
+    """A copy of parsed JSON (entries share the parsed manifest, which a Library keeps)."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
 
 
 @attrs.frozen
@@ -788,6 +798,7 @@ class Library:
         self.url = "::".join(parts)
         self.storage_options = dict(storage_options or {})
         self._stores: dict[bool, Store] = {}
+        self._parsed: tuple[str, int, dict[str, dict[str, Any]]] | None = None  # the last manifest parsed
 
     def __repr__(self) -> str:
         return f"Library({self.url!r})"
@@ -827,14 +838,17 @@ class Library:
                   (("task", task), ("kind", kind), ("method", method), ("base", base), ("content", content))
                   if value is not None}
         needed_tags = set(_one_of(tags)) if tags is not None else set()
+        state = self._chain(self._store()).state()
         out = []
-        for entry in self.entries():
-            if any(getattr(entry, key) not in values for key, values in wanted.items()):
+        for key in sorted(state):
+            data = state[key]  # filtered as JSON: an Entry is built for the matches only
+            if any(data[field] not in values for field, values in wanted.items()):
                 continue
-            if not needed_tags <= set(entry.tags):
+            if not needed_tags <= set(data["tags"]):
                 continue
-            if name is not None and not fnmatch.fnmatchcase(entry.name, name):
+            if name is not None and not fnmatch.fnmatchcase(key, name):
                 continue
+            entry = self._entry(data)
             if model is not None and not fits(entry, model):
                 continue
             out.append(entry)
@@ -1035,11 +1049,9 @@ class Library:
     def _entry(self, data: Mapping[str, Any]) -> Entry:
         return Entry.from_json(data, join_url(self.url, data["name"] + SUFFIX))
 
-    def _not_a_library(self, exc: BaseException | None = None) -> NotALibrary:
-        err = NotALibrary(f"{self.url!r} is not an adapterkit library (no {MANIFEST}): create one with "
-                          f"adapterkit library init, or index the adapters there with adapterkit library rebuild")
-        err.__cause__ = exc
-        return err
+    def _not_a_library(self) -> NotALibrary:
+        return NotALibrary(f"{self.url!r} is not an adapterkit library (no {MANIFEST}): create one with "
+                           "adapterkit library init, or index the adapters there with adapterkit library rebuild")
 
     def _damaged(self, what: str, exc: _Bad) -> StorageError:
         return StorageError(f"library {self.url!r}: {exc} ({what}; adapterkit library rebuild recreates it "
@@ -1051,7 +1063,7 @@ class Library:
             head = store.read_head(MANIFEST)
         except StorageError as exc:
             if _missing(exc):
-                raise self._not_a_library(exc.__cause__) from None
+                raise self._not_a_library() from None
             raise
         match = _HEAD.match(head)
         if match:
@@ -1066,14 +1078,19 @@ class Library:
             raw, token = store.read_token(MANIFEST)
         except StorageError as exc:
             if _missing(exc):
-                raise self._not_a_library(exc.__cause__) from None
+                raise self._not_a_library() from None
             raise
-        try:
-            if raw is None:
-                raise _Bad(f"the manifest is larger than {MAX_BYTES:,} bytes")
-            generation, entries = parse_manifest(raw)
-        except _Bad as exc:
-            raise self._damaged(f"in {MANIFEST}", exc) from None
+        parsed = self._parsed
+        if parsed is not None and parsed[0] == token:  # the same version (ETag, or content hash): parsed already
+            generation, entries = parsed[1], parsed[2]
+        else:
+            try:
+                if raw is None:
+                    raise _Bad(f"the manifest is larger than {MAX_BYTES:,} bytes")
+                generation, entries = parse_manifest(raw)
+            except _Bad as exc:
+                raise self._damaged(f"in {MANIFEST}", exc) from None
+            self._parsed = (token, generation, entries)
         log: list[_Generation] = []
         number = generation
         while True:

@@ -293,3 +293,23 @@ def test_bad_add_arguments_are_one_line(memory_url: str, args: dict[str, Any], m
         lib.add(tiny(1), **args)
     assert "\n" not in str(info.value)
     assert lib.entries() == []
+
+
+def test_a_parsed_manifest_is_reused_only_for_the_same_version(
+    memory_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib = Library.init(memory_url)
+    lib.add(tiny(1), "a", task="t")
+    lib.compact()
+    parses: list[int] = []
+    real = library.parse_manifest
+    monkeypatch.setattr(library, "parse_manifest", lambda data: parses.append(1) or real(data))
+    entry = lib.get("a")
+    entry.recipe["adapter"]["r"] = 99  # type: ignore[index]  # the caller's copy only
+    assert lib.get("a").recipe["adapter"]["r"] == 2 and len(lib.select(task="t")) == 1
+    assert len(parses) == 1  # one parse for three reads of one manifest version
+    other = Library(memory_url)
+    other.add(tiny(2), "b")
+    other.compact()  # a new manifest version (other parses with its own cache) ...
+    before = len(parses)
+    assert [e.name for e in lib.entries()] == ["a", "b"] and len(parses) == before + 1  # ... lib parses it again
