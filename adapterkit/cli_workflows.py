@@ -252,7 +252,10 @@ def adapt_command(
 
 
 @click.command("merge")
-@click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
+@click.argument("paths", nargs=-1, required=True, metavar="[SRC...] DST")
+@click.option("--library", "library_url", metavar="URL", help="Merge a selection of this library (with --select).")
+@click.option("--select", "criteria", multiple=True, metavar="KEY=VALUE",
+              help="Library selection: task, tags, kind, method, base or name (a glob); repeatable, all must match.")
 @click.option("--merger", help="Merger name (default: the recipe's; with several sources: required, e.g. ties).")
 @click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="Merger argument (TOML value).")
 @click.option("--model", "model_name", metavar="BACKBONE", help="Base model for several sources (registered name or "
@@ -262,6 +265,8 @@ def adapt_command(
 @storage_option
 def merge_command(
     paths: tuple[str, ...],
+    library_url: str | None,
+    criteria: tuple[str, ...],
     merger: str | None,
     args: tuple[str, ...],
     model_name: str | None,
@@ -270,13 +275,27 @@ def merge_command(
     options_storage_option: tuple[str, ...],
 ) -> None:
     """Merge a trained adapter (SRC) into a deployable one (DST), or several compatible
-    adapters (experts: SRC SRC ...) into one, e.g. --merger ties --arg density=0.5."""
+    adapters (experts: SRC SRC ..., or a library selection: --library URL --select task=x)
+    into one, e.g. --merger ties --arg density=0.5."""
     from .workflows import merge_adapters, merge_artifact
 
-    if len(paths) < 2:
-        raise click.UsageError("give SRC... DST: at least one source and the target URL")
     *sources, dst = paths
     storage = parse_options(options_storage_option)
+    if library_url is not None:
+        from .library import Library
+
+        selection = {key: str(value) for key, value in _pairs(criteria, "--select").items()}
+        try:
+            chosen = Library(library_url, storage_options=storage).select(**selection)
+        except TypeError:
+            raise click.UsageError("--select takes task, tags, kind, method, base or name") from None
+        if not chosen:
+            raise AdapterkitError(f"no adapter of library {library_url!r} matches {selection}")
+        sources += [entry.url for entry in chosen]
+    elif criteria:
+        raise click.UsageError("--select needs --library URL")
+    if not sources:
+        raise click.UsageError("give SRC... DST (or --library URL --select ... DST)")
     if len(sources) == 1:
         merged = merge_artifact(sources[0], dst, merger, _pairs(args, "--arg"), storage_options=storage,
                                 trust_file=trust_file)

@@ -64,3 +64,20 @@ def test_merging_several_sources_needs_a_merger_and_a_base_model(lib: str, user_
     assert result.exit_code == 2 and "needs --merger" in result.output
     result = runner.invoke(cli, ["merge", *sources, "--merger", "ties"])
     assert result.exit_code == 1 and "does not say its base model: give it with --model NAME" in result.stderr
+
+
+def test_ties_over_a_library_selection(lib: str, user_model: str) -> None:
+    library = adapterkit.Library.init(f"{lib}/library")
+    for i in range(3):
+        expert(f"{lib}/e{i}.safetensors", seed=i, r=2)
+        library.add(f"{lib}/e{i}.safetensors", task="sentiment" if i < 2 else "other", base="tiny")
+    runner = CliRunner()
+    args = ["merge", f"{lib}/ties.safetensors", "--library", f"{lib}/library", "--select", "task=sentiment",
+            "--merger", "ties", "--arg", "density=0.5", "--model", user_model]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "merged 2 adapters with 'ties'" in result.output
+    (stacked,) = [s for s in adapterkit.inspect(f"{lib}/ties.safetensors").history if s["op"] == "stack"]
+    assert [source["name"] for source in stacked["sources"]] == ["e0", "e1"]  # the selection, by name
+    result = runner.invoke(cli, [*args[:5], "task=none", *args[6:]])
+    assert result.exit_code == 1 and "no adapter of library" in result.stderr
