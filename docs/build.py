@@ -37,6 +37,7 @@ NAV: list[tuple[str, str]] = [
     ("Stacking and merging experts", "methods/merging.md"),
     ("Workflows", "workflows.md"),
     ("Storage", "storage.md"),
+    ("Expert libraries", "libraries.md"),
     ("PEFT interop", "peft.md"),
     ("Writing a plugin", "plugins.md"),
     ("Benchmarks", "benchmarks.md"),
