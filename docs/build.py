@@ -73,6 +73,7 @@ def builtin_cli() -> click.Group:
     from importlib import metadata
 
     from adapterkit import cli as cli_module
+    from adapterkit.cli_library import COMMANDS as LIBRARY_COMMANDS
     from adapterkit.cli_storage import COMMANDS as STORAGE_COMMANDS
     from adapterkit.cli_workflows import COMMANDS as WORKFLOW_COMMANDS
     from adapterkit.plugins import BUILTIN_DISTRIBUTION, ENTRY_POINT_GROUP, PluginHost
@@ -84,7 +85,7 @@ def builtin_cli() -> click.Group:
     )
     root = cli_module.cli
     group = click.Group(root.name, callback=root.callback, params=list(root.params), help=root.help)
-    for command in (cli_module.plugins_command, *STORAGE_COMMANDS, *WORKFLOW_COMMANDS):
+    for command in (cli_module.plugins_command, *STORAGE_COMMANDS, *WORKFLOW_COMMANDS, *LIBRARY_COMMANDS):
         group.add_command(command)
     for impl in host.pm.hook.adapterkit_register_commands.get_hookimpls():
         impl.function(cli=group)
