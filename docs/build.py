@@ -35,6 +35,7 @@ NAV: list[tuple[str, str]] = [
     ("MHR", "methods/mhr.md"),
     ("Averaging and merging", "methods/averaging.md"),
     ("Stacking and merging experts", "methods/merging.md"),
+    ("Arrow: zero-shot routing", "methods/arrow.md"),
     ("Workflows", "workflows.md"),
     ("Storage", "storage.md"),
     ("Expert libraries", "libraries.md"),
