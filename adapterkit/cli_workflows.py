@@ -284,7 +284,7 @@ def merge_command(
     if library_url is not None:
         from .library import Library
 
-        selection = {key: str(value) for key, value in _pairs(criteria, "--select").items()}
+        selection: dict[str, Any] = {key: str(value) for key, value in _pairs(criteria, "--select").items()}
         try:
             chosen = Library(library_url, storage_options=storage).select(**selection)
         except TypeError:

@@ -3,8 +3,6 @@ Range-capable HTTP server on loopback (which records the paths it serves)."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import http.server
 import os
@@ -68,25 +66,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[st
         return str(tmp_path / "lib"), {}
     s3 = request.getfixturevalue("s3")
     return s3["url"], s3["options"]
-
-
-@contextlib.contextmanager
-def s3_requests(options: dict[str, Any]) -> Iterator[collections.Counter[str]]:
-    """Count the S3 requests (by operation) that the s3fs client for ``options`` sends."""
-    import s3fs
-
-    fs = s3fs.S3FileSystem(**options)  # fsspec's instance cache: the library's own client
-    fs.connect()
-    counts: collections.Counter[str] = collections.Counter()
-
-    def count(event_name: str, **_: Any) -> None:
-        counts[event_name.rpartition(".")[2]] += 1
-
-    fs.s3.meta.events.register("before-send.s3", count)
-    try:
-        yield counts
-    finally:
-        fs.s3.meta.events.unregister("before-send.s3", count)
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,3 +44,22 @@ def add_in_process(url: str, worker: int, count: int, compact_every: int, barrie
     for name in names:
         lib.add(model, name, task=f"task{worker}")
     return names
+
+
+@contextlib.contextmanager
+def s3_requests(options: dict[str, Any]) -> Iterator[collections.Counter[str]]:
+    """Count the S3 requests (by operation) that the s3fs client for ``options`` sends."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options)  # fsspec's instance cache: the library's own client
+    fs.connect()
+    counts: collections.Counter[str] = collections.Counter()
+
+    def count(event_name: str, **_: Any) -> None:
+        counts[event_name.rpartition(".")[2]] += 1
+
+    fs.s3.meta.events.register("before-send.s3", count)
+    try:
+        yield counts
+    finally:
+        fs.s3.meta.events.unregister("before-send.s3", count)

@@ -12,8 +12,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import s3_requests
-from library_helpers import base_model, tiny
+from library_helpers import base_model, s3_requests, tiny
 
 import adapterkit
 from adapterkit import Library, StorageError, library
