@@ -8,7 +8,7 @@ from typing import Any
 import click
 import tomllib
 
-from .cli_storage import storage_option
+from .cli_storage import json_flag, storage_option
 from .errors import AdapterkitError
 from .storage import parse_options
 
@@ -261,6 +261,7 @@ def adapt_command(
 @click.option("--model", "model_name", metavar="BACKBONE", help="Base model for several sources (registered name or "
               "module:factory); default: the one the first source's workflow metadata names.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="Argument of --model.")
+@json_flag
 @trust_file_option
 @storage_option
 def merge_command(
@@ -271,6 +272,7 @@ def merge_command(
     args: tuple[str, ...],
     model_name: str | None,
     model_args: tuple[str, ...],
+    as_json: bool,
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
@@ -300,7 +302,10 @@ def merge_command(
         merged = merge_artifact(sources[0], dst, merger, _pairs(args, "--arg"), storage_options=storage,
                                 trust_file=trust_file)
         assert merged.merger is not None
-        click.echo(f"merged {sources[0]} with {merged.merger['name']!r} -> {dst}")
+        if as_json:
+            _write_json({"sources": sources, "url": dst, "merger": merged.merger}, None)
+        else:
+            click.echo(f"merged {sources[0]} with {merged.merger['name']!r} -> {dst}")
         return
     if merger is None:
         raise click.UsageError("merging several adapters needs --merger (e.g. ties, task-arithmetic)")
@@ -309,7 +314,11 @@ def merge_command(
     model = ModelConfig(model_name, _pairs(model_args, "--model-arg")) if model_name else None
     info = merge_adapters(sources, dst, merger, _pairs(args, "--arg"), model=model, storage_options=storage,
                           trust_file=trust_file)
-    click.echo(f"merged {len(sources)} adapters with {merger!r} -> {dst} ({info.method}, {len(info.sites)} sites)")
+    if as_json:
+        _write_json({"sources": sources, "url": dst, "merger": {"name": merger, "args": _pairs(args, "--arg")},
+                     "adapter": info.to_dict()}, None)
+    else:
+        click.echo(f"merged {len(sources)} adapters with {merger!r} -> {dst} ({info.method}, {len(info.sites)} sites)")
 
 
 @click.command("eval")

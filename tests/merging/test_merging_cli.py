@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -79,5 +80,9 @@ def test_ties_over_a_library_selection(lib: str, user_model: str) -> None:
     assert "merged 2 adapters with 'ties'" in result.output
     (stacked,) = [s for s in adapterkit.inspect(f"{lib}/ties.safetensors").history if s["op"] == "stack"]
     assert [source["name"] for source in stacked["sources"]] == ["e0", "e1"]  # the selection, by name
+    result = runner.invoke(cli, [*args, "--json"])  # (overwrites the target: a second run is fine)
+    report = json.loads(result.output)
+    assert result.exit_code == 0 and report["merger"]["name"] == "ties" and len(report["sources"]) == 2
+    assert report["adapter"]["method"] == "lora" and report["url"] == f"{lib}/ties.safetensors"
     result = runner.invoke(cli, [*args[:5], "task=none", *args[6:]])
     assert result.exit_code == 1 and "no adapter of library" in result.stderr
