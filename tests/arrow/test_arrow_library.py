@@ -6,9 +6,7 @@ memory:// and on a real S3 API (moto on loopback)."""
 from __future__ import annotations
 
 import copy
-import os
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import adapterkit_arrow
@@ -167,28 +165,7 @@ def test_experts_by_url_without_a_library() -> None:
 
 # --- a real S3 API ------------------------------------------------------------------------
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_on_s3(moto_endpoint: str, counted: list[int]) -> None:

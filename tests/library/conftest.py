@@ -17,44 +17,22 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "storage"))
 from storage_helpers import RangeHandler  # noqa: E402
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
 
 @pytest.fixture
 def memory_url() -> str:
     return f"memory://adapterkit-library-tests/{uuid.uuid4().hex}/lib"
 
 
-@pytest.fixture(scope="session")
-def library_moto() -> Iterator[str]:
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
 
 @pytest.fixture
-def s3(library_moto: str) -> dict[str, Any]:
+def s3(moto_endpoint: str) -> dict[str, Any]:
     """A fresh bucket: ``url`` of a library prefix in it, ``options`` that reach it."""
     import s3fs
 
-    options = {"client_kwargs": {"endpoint_url": library_moto}}
+    options = {"client_kwargs": {"endpoint_url": moto_endpoint}}
     bucket = f"lib-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(**options).mkdir(bucket)
-    return {"bucket": bucket, "options": options, "endpoint": library_moto, "url": f"s3://{bucket}/lib"}
+    return {"bucket": bucket, "options": options, "endpoint": moto_endpoint, "url": f"s3://{bucket}/lib"}
 
 
 @pytest.fixture(params=["memory", "local", "s3"])

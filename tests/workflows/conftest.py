@@ -1,5 +1,5 @@
 """Fixtures of the workflow tests: the helpers on sys.path (the user-model factory is
-imported by path, also in spawned processes), a CLI runner, a moto S3 server."""
+imported by path, also in spawned processes), a CLI runner, a bucket on the moto S3 server."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture
@@ -29,36 +28,23 @@ def mem() -> str:
 
 
 @pytest.fixture(scope="module")
-def s3_bucket() -> Iterator[str]:
-    """A bucket on a real moto S3 server on loopback; fsspec reaches it through its config."""
-    pytest.importorskip("s3fs")
+def s3_bucket(moto_endpoint: str) -> Iterator[str]:
+    """A bucket on the session's moto S3 server; fsspec reaches it through its config."""
     import fsspec
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    saved_env = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
     saved_conf = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    fsspec.config.conf["s3"] = {"client_kwargs": {"endpoint_url": moto_endpoint}}
     bucket = f"wf-{uuid.uuid4().hex[:10]}"
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://{host}:{port}"}).mkdir(bucket)
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}).mkdir(bucket)
     try:
         yield f"s3://{bucket}"
     finally:
-        server.stop()
         if saved_conf is None:
             fsspec.config.conf.pop("s3", None)
         else:
             fsspec.config.conf["s3"] = saved_conf
         s3fs.S3FileSystem.clear_instance_cache()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="module")
