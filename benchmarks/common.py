@@ -182,3 +182,23 @@ def save_figure(fig: Any, name: str, directory: str | None = None) -> str:
     path = os.path.join(directory, f"{name}.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_moto() -> tuple[Any, dict[str, Any]]:
+    """A moto S3 server on loopback with a bucket ``bench``: ``(server, storage options)``."""
+    import logging
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request lines
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    fsspec.filesystem("s3", **options).mkdir("bench")
+    return server, options

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import logging
 import os
 import sys
 import threading
@@ -44,26 +43,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_table, write_json  # noqa: E402
+from common import print_table, start_moto, write_json  # noqa: E402
 
 import adapterkit  # noqa: E402
 from adapterkit import Library, library  # noqa: E402
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 TASKS = 50
-
-
-def start_moto() -> tuple[Any, dict[str, Any]]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    fsspec.filesystem("s3", **options).mkdir("bench")
-    return server, options
 
 
 @contextlib.contextmanager

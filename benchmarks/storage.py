@@ -29,7 +29,6 @@ are interleaved; medians of several rounds after warm-up.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -41,12 +40,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, median, print_table, write_json  # noqa: E402
+from common import interleaved, median, print_table, start_moto, write_json  # noqa: E402
 
 import adapterkit  # noqa: E402
 from adapterkit.storage.tensors import hash_all  # noqa: E402
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def adapter_model(megabytes: int) -> nn.Module:
@@ -59,19 +56,6 @@ def adapter_model(megabytes: int) -> nn.Module:
         for tensor in adapterkit.adapter_state_dict(model).values():
             tensor.normal_()
     return model
-
-
-def start_moto() -> tuple[Any, dict[str, Any]]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request lines
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    fsspec.filesystem("s3", **options).mkdir("bench")
-    return server, options
 
 
 def measure(backend: str, base: str, options: dict[str, Any], model: nn.Module, rounds: int) -> list[dict[str, Any]]:
