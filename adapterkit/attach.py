@@ -20,6 +20,7 @@ from .plugins import PluginHost, get_host
 from .recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe, build_config
 from .roles import AdaptMode, Folded, Merger
 from .site import AdapterSite, RoutingState
+from .wording import plural
 
 log = logging.getLogger("adapterkit")
 STATE_ATTR = "_adapterkit"
@@ -46,7 +47,8 @@ class AttachSummary:
         lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
         share = 100.0 * self.trainable / max(self.total, 1)
         lines.append(
-            f"{len(self.sites)} sites; trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+            f"{plural(len(self.sites), 'site')}; "
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
         )
         return "\n".join(lines)
 

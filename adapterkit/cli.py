@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from .cli_help import SentenceGroup
 from .errors import AdapterkitError
 from .plugins import ROLE_HOOKS, PluginFailure, get_host
 
 
-class AdapterkitGroup(click.Group):
+class AdapterkitGroup(SentenceGroup):
     """Root group: user errors print one actionable line and exit 1, no traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:

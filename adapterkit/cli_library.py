@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .cli_help import SentenceGroup
 from .cli_storage import json_flag, storage_option
 from .library import Entry, Library
 from .storage import parse_options
@@ -66,7 +67,7 @@ def _describe(entry: Entry) -> str:
     return "\n".join(printable(line, 4000) for line in lines)
 
 
-@click.group("library")
+@click.group("library", cls=SentenceGroup)
 def library_group() -> None:
     """Adapter libraries: many adapters under one URL prefix, indexed by a manifest
     (adapterkit-library.json) so that listing and selecting cost a few requests, never

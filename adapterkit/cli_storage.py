@@ -25,7 +25,9 @@ storage_option = _options_flag(
     "fsspec storage option (repeatable), e.g. -o anon=true -o client_kwargs.endpoint_url=http://host:9000; "
     "values parse as JSON when they can, dotted keys nest.",
 )
-json_flag = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+json_flag = click.option(
+    "--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (status lines go to stderr)."
+)
 
 
 def _size(n: int) -> str:

@@ -11,6 +11,7 @@ import tomllib
 from .cli_storage import json_flag, storage_option
 from .errors import AdapterkitError
 from .storage import parse_options
+from .wording import plural
 
 
 def _value(text: str) -> Any:
@@ -31,26 +32,14 @@ def _pairs(items: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
-def _check_report(target: str | None, storage: dict[str, Any] | None = None) -> None:
-    """A ``--json FILE`` is checked writable before the work (``-``: stdout)."""
-    if target not in (None, "-"):
-        from .workflows.outputs import check_writable
-
-        check_writable(target, "--json", storage)
+def _print_json(data: Any) -> None:
+    """``--json``: the one machine-readable report on stdout (status lines went to stderr)."""
+    click.echo(json.dumps(data, indent=2))
 
 
-def _write_json(data: Any, target: str | None, storage: dict[str, Any] | None = None) -> None:
-    text = json.dumps(data, indent=2)
-    if target in (None, "-"):
-        click.echo(text)
-    else:
-        import fsspec
-
-        try:
-            with fsspec.open(target, "w", **(storage or {})) as f:
-                f.write(text + "\n")
-        except (OSError, ValueError, NotImplementedError) as exc:
-            raise AdapterkitError(f"--json: cannot write {target!r}: {type(exc).__name__}: {exc}") from None
+def _status(as_json: bool) -> Any:
+    """Where a command's status lines go: stdout, or stderr when stdout carries ``--json``."""
+    return (lambda message: click.echo(message, err=True)) if as_json else click.echo
 
 
 def trust_file_option(function: Any) -> Any:
@@ -75,8 +64,8 @@ def trust_file_option(function: Any) -> Any:
 @click.option(
     "--stop-at", type=click.IntRange(min=1), metavar="STEP", help="Stop after this global step, checkpointed."
 )
-@click.option("--json", "json_out", metavar="FILE", help="Write the evaluation as JSON ('-': stdout).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@json_flag
+@click.option("--no-progress", is_flag=True, help="No progress bar (on a terminal) or progress lines (in a log).")
 @storage_option
 def train_command(
     config: str | None,
@@ -86,7 +75,7 @@ def train_command(
     resume: bool,
     checkpoint_url: str | None,
     stop_at: int | None,
-    json_out: str | None,
+    as_json: bool,
     no_progress: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
@@ -97,7 +86,8 @@ def train_command(
     torchrun: ``torchrun --nproc_per_node=2 -m adapterkit train run.toml``.
     """
     from . import workflows
-    from .workflows.evaluation import as_json, table
+    from .workflows.evaluation import as_json as json_rows
+    from .workflows.evaluation import table
 
     if show_default:
         click.echo(workflows.DEFAULT_CONFIG, nl=False)
@@ -115,15 +105,15 @@ def train_command(
         sets["checkpoint.url"] = checkpoint_url
     if sets:
         cfg = workflows.with_overrides(cfg, sets)
-    _check_report(json_out, storage)
+    echo = _status(as_json)
     result = workflows.train(
-        cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=click.echo, storage_options=storage
+        cfg, resume=resume, stop_at=stop_at, progress=not no_progress, echo=echo, storage_options=storage
     )
-    if result.results:
+    if as_json:
+        _print_json({"steps": result.steps, "stopped": result.stopped, "results": json_rows(result.results),
+                     "epochs": result.history})
+    elif result.results:
         click.echo("\n" + table(result.results))
-        if json_out:
-            report = {"steps": result.steps, "results": as_json(result.results), "epochs": result.history}
-            _write_json(report, json_out, storage)
 
 
 class AdaptModeChoice(click.ParamType):
@@ -171,8 +161,8 @@ class AdaptModeChoice(click.ParamType):
     metavar="URL",
     help="Save each adapted model under this URL prefix (mhr-z: also its routing rows alone, *.routing.safetensors).",
 )
-@click.option("--json", "json_out", metavar="FILE", help="Write the results as JSON ('-': stdout).")
-@click.option("--no-progress", is_flag=True)
+@json_flag
+@click.option("--no-progress", is_flag=True, help="No progress bar (on a terminal) or progress lines (in a log).")
 @trust_file_option
 @storage_option
 def adapt_command(
@@ -188,21 +178,22 @@ def adapt_command(
     init: str,
     train_head: bool | None,
     output: str | None,
-    json_out: str | None,
+    as_json: bool,
     no_progress: bool,
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
-    """Few-shot adaptation of a trained skill inventory (INVENTORY: a train output URL) to a new task."""
+    """Adapt a trained skill inventory (INVENTORY, a train output URL) to a new task from a few examples."""
     from .workflows.adapt import adapt, summary
-    from .workflows.evaluation import as_json, table
+    from .workflows.evaluation import as_json as json_rows
+    from .workflows.evaluation import table
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise AdapterkitError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     storage = parse_options(options_storage_option)
-    _check_report(json_out, storage)
+    echo = _status(as_json)
     runs = adapt(
         inventory,
         task,
@@ -217,18 +208,13 @@ def adapt_command(
         train_head=train_head,
         output=output,
         progress=not no_progress,
-        echo=click.echo,
+        echo=echo,
         storage_options=storage,
         trust_file=trust_file,
     )
-    click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
     stats = summary(runs)
-    click.echo(
-        f"{mode}, k={k}, {len(runs)} seeds: accuracy {stats['accuracy']:.4f} ± {stats['accuracy_std']:.4f}, "
-        f"macro-F1 {stats['macro_f1']:.4f} ± {stats['macro_f1_std']:.4f}"
-    )
-    if json_out:
-        _write_json(
+    if as_json:
+        _print_json(
             {
                 "task": task,
                 "mode": mode,
@@ -241,17 +227,49 @@ def adapt_command(
                         "url": r.url,
                         "routing_url": r.routing_url,
                         "routing_bytes": r.routing_bytes,
-                        "rows": as_json({"x": r.rows})["x"],
+                        "rows": json_rows({"x": r.rows})["x"],
                     }
                     for r in runs
                 ],
-            },
-            json_out,
-            storage,
+            }
         )
+        return
+    click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
+    click.echo(
+        f"{mode}, k={k}, {plural(len(runs), 'seed')}: accuracy {stats['accuracy']:.4f} ± {stats['accuracy_std']:.4f}, "
+        f"macro-F1 {stats['macro_f1']:.4f} ± {stats['macro_f1_std']:.4f}"
+    )
 
 
-@click.command("merge")
+def _config_fields(cls: type) -> str:
+    """``density=0.5, seed=0`` for a plugin class's attrs ``Config`` (``-``: no arguments)."""
+    import attrs
+
+    config = getattr(cls, "Config", None)
+    if config is None or not attrs.has(config):
+        return "-"
+    fields = []
+    for field in attrs.fields(config):
+        default = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()  # type: ignore[union-attr]
+        fields.append(field.name if default is attrs.NOTHING else f"{field.name}={default!r}")
+    return ", ".join(fields) or "-"
+
+
+class MergeCommand(click.Command):
+    """``merge --help`` ends with the installed mergers and their arguments (read at run time,
+    so a third-party plugin's mergers appear)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .plugins import get_host
+
+        mergers = get_host().mergers
+        with formatter.section("Installed mergers (--merger NAME, --arg KEY=VALUE)"):
+            formatter.write_dl([(name, _config_fields(mergers[name])) for name in sorted(mergers)])
+
+
+@click.command("merge", cls=MergeCommand)
 @click.argument("paths", nargs=-1, required=True, metavar="[SRC...] DST")
 @click.option("--library", "library_url", metavar="URL", help="Merge a selection of this library (with --select).")
 @click.option("--select", "criteria", multiple=True, metavar="KEY=VALUE",
@@ -276,9 +294,12 @@ def merge_command(
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
-    """Merge a trained adapter (SRC) into a deployable one (DST), or several compatible
-    adapters (experts: SRC SRC ..., or a library selection: --library URL --select task=x)
-    into one, e.g. --merger ties --arg density=0.5."""
+    """Merge a trained adapter (SRC) into a deployable one (DST), or several compatible adapters into one.
+
+    Several adapters are experts given as SRC SRC ... or a library selection (--library URL
+    --select task=x), merged by a merger named with --merger and its --arg KEY=VALUE
+    arguments (--merger ties --arg density=0.5); a routed inventory's task may be given by
+    name (--merger collapse --arg task=apple). Installed mergers: adapterkit plugins."""
     from .workflows import merge_adapters, merge_artifact
 
     *sources, dst = paths
@@ -303,7 +324,7 @@ def merge_command(
                                 trust_file=trust_file)
         assert merged.merger is not None
         if as_json:
-            _write_json({"sources": sources, "url": dst, "merger": merged.merger}, None)
+            _print_json({"sources": sources, "url": dst, "merger": merged.merger})
         else:
             click.echo(f"merged {sources[0]} with {merged.merger['name']!r} -> {dst}")
         return
@@ -315,10 +336,11 @@ def merge_command(
     info = merge_adapters(sources, dst, merger, _pairs(args, "--arg"), model=model, storage_options=storage,
                           trust_file=trust_file)
     if as_json:
-        _write_json({"sources": sources, "url": dst, "merger": {"name": merger, "args": _pairs(args, "--arg")},
-                     "adapter": info.to_dict()}, None)
+        _print_json({"sources": sources, "url": dst, "merger": {"name": merger, "args": _pairs(args, "--arg")},
+                     "adapter": info.to_dict()})
     else:
-        click.echo(f"merged {len(sources)} adapters with {merger!r} -> {dst} ({info.method}, {len(info.sites)} sites)")
+        click.echo(f"merged {len(sources)} adapters with {merger!r} -> {dst} "
+                   f"({info.method}, {plural(len(info.sites), 'site')})")
 
 
 @click.command("eval")
@@ -326,7 +348,7 @@ def merge_command(
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]))
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of a table.")
+@json_flag
 @trust_file_option
 @storage_option
 def eval_command(
@@ -334,20 +356,21 @@ def eval_command(
     split: str,
     tasks: tuple[str, ...],
     batch_size: int,
-    as_json_flag: bool,
+    as_json: bool,
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
-    """Accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
+    """Report the accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
     from .workflows import evaluate_artifact
-    from .workflows.evaluation import as_json, table
+    from .workflows.evaluation import as_json as json_rows
+    from .workflows.evaluation import table
 
     storage = parse_options(options_storage_option)
     rows = evaluate_artifact(
         url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage, trust_file=trust_file
     )
-    if as_json_flag:
-        click.echo(json.dumps({"url": url, "split": split, "rows": as_json({"x": rows})["x"]}, indent=2))
+    if as_json:
+        _print_json({"url": url, "split": split, "rows": json_rows({"x": rows})["x"]})
     else:
         click.echo(table({url.rsplit("/", 1)[-1][:20]: rows}))
 
@@ -376,7 +399,8 @@ def heatmap_command(
     weights = routing_table(classifier, len(tasks), site)
     title = f"routing ({artifact.config.recipe.router.name}), {site or 'mean over sites'}"
     plot(weights, tasks, png, title=title, storage_options=storage)
-    click.echo(f"wrote {png}: {weights.shape[0]} tasks x {weights.shape[2]} skills, {weights.shape[1]} heads")
+    click.echo(f"wrote {png}: {plural(weights.shape[0], 'task')} x {plural(weights.shape[2], 'skill')}, "
+               f"{plural(weights.shape[1], 'head')}")
 
 
 COMMANDS = [train_command, adapt_command, merge_command, eval_command, heatmap_command]

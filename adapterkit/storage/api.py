@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import AdapterkitError, RecipeError
 from ..recipe import Recipe
+from ..wording import plural
 from .errors import StorageError, printable
 from .format import (
     KEY_DIGEST,
@@ -131,7 +132,7 @@ class AdapterInfo:
             made = f" by {step['plugin']} {step.get('version', '?')}" if "plugin" in step else ""
             lines.append(f"step      {step.get('op')} {step.get('name', step.get('method', ''))}{made}".rstrip())
         if self.extra:
-            lines.append(f"extra     {len(self.extra)} tensors beside the adapter: {_short(self.extra)}")
+            lines.append(f"extra     {plural(len(self.extra), 'tensor')} beside the adapter: {_short(self.extra)}")
         lines += [f"meta      {k} = {v}" for k, v in sorted(self.metadata.items())]
         if self.recipe is not None:
             lines.append(f"recipe    {json.dumps(self.recipe.to_dict(), sort_keys=True)}")

@@ -87,7 +87,7 @@ def adapt(
     # Reload the inventory's dataset with all its tasks: the new task is usually held out.
     args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
     data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)
-    corpus = Corpus.load(data_config, artifact.config.train.seed)
+    corpus = Corpus.load(data_config, artifact.config.train.seed, storage_options=storage_options)
     check_task(task, corpus.tasks, f"dataset {data_config.dataset!r}")
     if task in artifact.tasks:
         echo(f"note: task {task!r} is in the trained inventory; adapting it anyway")

@@ -186,7 +186,7 @@ def load_artifact(
     if ":" in config.model.backbone:  # a user module: measure its feature size on one example
         from .data import Corpus
 
-        probe = Corpus.load(config.data, config.train.seed).train[0]
+        probe = Corpus.load(config.data, config.train.seed, storage_options=storage_options).train[0]
     classifier = build_classifier(backbone, None, len(artifact.classes), seed=config.train.seed, probe=probe)
     load(url, classifier.body, storage_options=storage_options)
     head = load_tensors(url, [name for name in info.extra if name.startswith("head.")], storage_options=storage_options)

@@ -38,13 +38,15 @@
 
     [output]
     adapter = "runs/adapter.safetensors"
-    merged = "runs/merged.safetensors"
+    merged = "runs/merged.safetensors"  # or merge = false: no merged copy, evaluation or file
 
 Unknown keys, wrong types and malformed TOML are one-line :class:`ConfigError` s.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -146,6 +148,13 @@ class CheckpointConfig:
 class OutputConfig:
     adapter: str | None = attrs.field(default=None, validator=_optional_str)
     merged: str | None = attrs.field(default=None, validator=_optional_str)
+    merge: bool = attrs.field(default=True)
+    """``false``: no merged copy at all (no merged evaluation per epoch or at the end, no merged file)."""
+
+    @merge.validator
+    def _check_merge(self, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+        _check(isinstance(value, bool), f"config key 'output.merge' must be true or false, got {value!r}")
+        _check(value or self.merged is None, "[output] merge = false writes no merged adapter: drop output.merged")
 
 
 @attrs.frozen
@@ -376,18 +385,65 @@ def from_toml(text: str, storage_options: Mapping[str, Any] | None = None) -> Wo
     return from_dict(data, storage_options)
 
 
+# Config keys that name a file or URL: relative ones resolve against the config's own location.
+PATH_KEYS = (("recipe", "file"), ("data", "train"), ("data", "test"), ("model", "path"),
+             ("checkpoint", "url"), ("output", "adapter"), ("output", "merged"))
+
+
+def is_relative(path: str) -> bool:
+    """A plain relative path: no URL scheme (``s3://``, ``memory://``), no chain (``a::b``), not absolute."""
+    return not ("://" in path or "::" in path or path.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", path))
+
+
+def resolve_paths(data: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """``data`` with every relative path of :data:`PATH_KEYS` joined to ``base`` (the config's
+    folder: a local path or a URL prefix), so a config and its files travel together."""
+    out = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    for section, key in PATH_KEYS:
+        table = out.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and is_relative(table[key]):
+            table[key] = _join(base, table[key]) if base else table[key]
+    return out
+
+
 def load(url: str, storage_options: Mapping[str, Any] | None = None) -> WorkflowConfig:
-    """Read a workflow config TOML from a path or any fsspec URL (``recipe.file`` too)."""
-    return from_toml(read_text(url, storage_options), storage_options)
+    """Read a workflow config TOML from a path or any fsspec URL (``recipe.file`` too).
+
+    Relative paths in it (``recipe.file``, ``data.train``/``test``, ``checkpoint.url``,
+    ``output.*``) resolve against the config's own folder, not the working directory."""
+    try:
+        data = tomllib.loads(read_text(url, storage_options))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed config TOML: {exc}") from None
+    return from_dict(resolve_paths(data, _folder(url)), storage_options)
+
+
+def _join(folder: str, path: str) -> str:
+    scheme, sep, rest = folder.rpartition("://")
+    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(rest, path))}"
+
+
+def _folder(url: str) -> str:
+    """The folder of a config path or URL, keeping the scheme (``s3://b/runs/a.toml`` -> ``s3://b/runs``)."""
+    if "::" in url:
+        return ""  # chained URLs (simplecache::s3://...): relative paths stay as written
+    scheme, sep, rest = url.rpartition("://")
+    folder = posixpath.dirname(rest if sep else os.path.abspath(url).replace(os.sep, "/"))
+    return f"{scheme}{sep}{folder}" if sep else folder
 
 
 def with_overrides(config: WorkflowConfig, overrides: Mapping[str, Any]) -> WorkflowConfig:
-    """A copy with ``section.key = value`` overrides (e.g. from ``--set train.steps=5``)."""
+    """A copy with ``section.key = value`` overrides (e.g. from ``--set train.steps=5``);
+    recipe keys nest (``--set recipe.adapter.r=16``, ``--set recipe.router.tasks=4``) for sweeps."""
     data = config.to_dict(include_secrets=True)  # in memory only: the new config keeps its options
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         _check(bool(key), f"override {dotted!r} must look like section.key=value")
+        table = data.setdefault(section, {})
         if section == "recipe":
-            raise ConfigError("override recipe keys in the recipe itself, not with --set")
-        data.setdefault(section, {})[key] = value
+            *parents, key = key.split(".")
+            for part in parents:
+                table = table.setdefault(part, {})
+                _check(isinstance(table, dict), f"override {dotted!r}: recipe key {part!r} is not a table")
+        table[key] = value
     return from_dict(data)

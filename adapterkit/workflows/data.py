@@ -7,7 +7,8 @@ tensors batched on dim 0, so a training step only indexes them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -40,10 +41,22 @@ class Encoded:
         return Encoded({k: v[index] for k, v in self.inputs.items()}, self.labels[index], self.tasks[index])
 
 
-def resolve_dataset(config: DataConfig, host: PluginHost | None = None) -> Dataset:
+def resolve_dataset(
+    config: DataConfig, host: PluginHost | None = None, storage_options: Mapping[str, Any] | None = None
+) -> Dataset:
+    """The dataset a config names. ``storage_options`` (the CLI's ``-o``) reach a dataset that
+    reads URLs (its config has a ``storage_options`` field) unless the config sets its own."""
     host = host or get_host()
     cls = host.datasets[config.dataset]
-    return cls(build_config(cls, config.args, f"dataset {config.dataset!r}"))
+    args = dict(config.args)
+    if storage_options and "storage_options" not in args and "storage_options" in _fields(cls):
+        args["storage_options"] = dict(storage_options)
+    return cls(build_config(cls, args, f"dataset {config.dataset!r}"))
+
+
+def _fields(cls: type) -> set[str]:
+    config = getattr(cls, "Config", None)
+    return {f.name for f in attrs.fields(config)} if config is not None and attrs.has(config) else set()
 
 
 def check_examples(examples: Sequence[Example], classes: Sequence[str], tasks: Sequence[str], what: str) -> None:
@@ -144,8 +157,11 @@ class Corpus:
     test: list[Example]
 
     @classmethod
-    def load(cls, config: DataConfig, seed: int, host: PluginHost | None = None) -> Corpus:
-        dataset = resolve_dataset(config, host)
+    def load(
+        cls, config: DataConfig, seed: int, host: PluginHost | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Corpus:
+        dataset = resolve_dataset(config, host, storage_options)
         classes, tasks = dataset.classes(), dataset.tasks()
         if not classes:
             raise DataError(f"dataset {config.dataset!r} declares no classes")

@@ -21,11 +21,11 @@ import attrs
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from ..attach import merge, route, sites
+from ..attach import folded_sites, merge, recipe_of, route, sites
 from ..errors import AdapterkitError
 from ..plugins import get_host
+from ..progress import progress
 from ..recipe import build_config
 from ..roles import LossTerm
 from ..training import freeze_norm_statistics
@@ -61,15 +61,22 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
     return adamw(model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr)
 
 
-def merged_copy(classifier: Classifier) -> tuple[Classifier, str | None]:
+def merged_copy(classifier: Classifier, enabled: bool = True) -> tuple[Classifier, str | None]:
     """A copy merged with the recipe's merger (the deployed model), or the copy unmerged
-    and the reason when the recipe's merger cannot merge this model."""
+    and the reason when the recipe's merger cannot merge this model (or ``enabled`` is off)."""
     copy = shared_copy(classifier)
+    if not enabled:
+        return copy, "[output] merge = false"
     try:
         merge(copy.body)
     except AdapterkitError as exc:
         return shared_copy(classifier), str(exc)
     return copy, None
+
+
+def merge_changed(merged: Classifier, trained: Classifier) -> bool:
+    """Did the merge change the model (an ``identity`` merge leaves the same sites and recipe)?"""
+    return recipe_of(merged.body) != recipe_of(trained.body) or bool(folded_sites(merged.body))
 
 
 def make_loss_term(table: Mapping[str, Any] | None) -> LossTerm | None:
@@ -210,15 +217,7 @@ class Trainer:
         device = self.dist.device
         model = self._wrapped(data)
         samplers = [s.sampler for s in sites(self.classifier.body).values()]
-        bar = tqdm(
-            total=self.total,
-            initial=start,
-            desc="train",
-            unit="step",
-            mininterval=0.5,
-            disable=not (self.progress and self.dist.main),
-            dynamic_ncols=True,
-        )
+        bar = progress(self.total, initial=start, desc="train", unit="step", enabled=self.progress and self.dist.main)
         step = start
         with Streams(samplers, self.train.seed, self.dist.rank, device) as streams:
             while step < self.total and (stop_at is None or step < stop_at):
@@ -259,13 +258,15 @@ class Trainer:
 
 
 def epoch_evaluator(
-    test: Encoded, tasks: list[str], batch_size: int, dist: Dist, echo: Echo, history: list[dict[str, Any]]
+    test: Encoded, tasks: list[str], batch_size: int, dist: Dist, echo: Echo, history: list[dict[str, Any]],
+    merge: bool = True,
 ) -> Callable[[int, Classifier], None]:
-    """End-of-epoch evaluation on the main rank, with merged weights where the method merges."""
+    """End-of-epoch evaluation on the main rank, with merged weights where the method merges
+    (unless ``merge`` is off: ``[output] merge = false``)."""
 
     def on_epoch(epoch: int, classifier: Classifier) -> None:
         if dist.main:
-            evaluated, reason = merged_copy(classifier)
+            evaluated, reason = merged_copy(classifier, merge)
             rows = evaluate(evaluated, test, tasks, batch_size, is_routed(evaluated))
             total = rows[-1]
             what = "merged" if reason is None else "unmerged"

@@ -37,6 +37,9 @@ def merge_artifact(
         raise AdapterkitError(f"{src!r} is already merged")
     name = merger or artifact.config.recipe.merger.name
     merge_args = dict(args or {}) if merger else {**artifact.config.recipe.merger.args, **(args or {})}
+    if isinstance(merge_args.get("task"), str):  # a task by name (--arg task=apple): its index in the inventory
+        check_task(merge_args["task"], artifact.tasks, f"{src!r}")
+        merge_args["task"] = artifact.tasks.index(merge_args["task"])
     merge(classifier.body, name, **merge_args)
     extra = dict(artifact.extra)
     task = merge_args.get("task")
@@ -48,7 +51,8 @@ def merge_artifact(
 
 
 def evaluation_data(
-    artifact: Artifact, split: str, tasks: Sequence[str] = (), *, trust_file: bool = False, url: str = "the file"
+    artifact: Artifact, split: str, tasks: Sequence[str] = (), *, trust_file: bool = False, url: str = "the file",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[str]]:
     """The artifact's own data (its dataset and selection), restricted to ``tasks``.
 
@@ -56,7 +60,7 @@ def evaluation_data(
     opened only with ``trust_file``."""
     config = artifact.config
     check_trusted(config, url, trust_file=trust_file, data=True)
-    corpus = Corpus.load(config.data, config.train.seed)
+    corpus = Corpus.load(config.data, config.train.seed, storage_options=storage_options)
     adapted = artifact.extra.get("task")
     inventory = [adapted] if adapted else list(artifact.tasks)
     for task in tasks:
@@ -88,7 +92,9 @@ def evaluate_artifact(
     artifact, _ = read_artifact(url, storage_options=storage_options)
     check_trusted(artifact.config, url, trust_file=trust_file, data=True)  # before the model is built
     classifier, artifact = load_artifact(url, storage_options=storage_options, trust_file=trust_file)
-    examples, inventory = evaluation_data(artifact, split, tasks, trust_file=trust_file, url=url)
+    examples, inventory = evaluation_data(
+        artifact, split, tasks, trust_file=trust_file, url=url, storage_options=storage_options
+    )
     data = encode(classifier.backbone, examples, artifact.classes, inventory)
     rows = evaluate(classifier, data, inventory, batch_size, is_routed(classifier))
     if tasks and len(inventory) > 1:

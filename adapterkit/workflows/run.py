@@ -11,13 +11,14 @@ import torch
 from ..attach import state_of
 from ..errors import AdapterkitError
 from ..plugins import PluginHost
+from ..wording import plural
 from ..zoo import Classifier
 from .artifacts import Artifact, save_artifact
 from .config import WorkflowConfig
 from .data import Corpus, encode
 from .distributed import Dist, check_device, setup, teardown
 from .evaluation import Row, evaluate
-from .loop import Echo, Trainer, epoch_evaluator, merged_copy
+from .loop import Echo, Trainer, epoch_evaluator, merge_changed, merged_copy
 from .models import build_classifier, is_routed, recipe_for_tasks, resolve_backbone
 from .outputs import check_writable
 
@@ -34,9 +35,11 @@ class TrainResult:
     stopped: bool = False
 
 
-def prepare(config: WorkflowConfig, host: PluginHost | None = None) -> tuple[WorkflowConfig, Corpus, Classifier]:
+def prepare(
+    config: WorkflowConfig, host: PluginHost | None = None, storage_options: Mapping[str, Any] | None = None
+) -> tuple[WorkflowConfig, Corpus, Classifier]:
     """Load the data and build the classifier (recipe's router tasks filled from the data)."""
-    corpus = Corpus.load(config.data, config.train.seed, host)
+    corpus = Corpus.load(config.data, config.train.seed, host, storage_options)
     # the router's task count against the data's before the backbone is built (a Poly
     # router declaring 3 tasks must not train silently on single-task data)
     recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
@@ -110,7 +113,7 @@ def _train(
     host: PluginHost | None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    config, corpus, classifier = prepare(config, host)
+    config, corpus, classifier = prepare(config, host, storage_options)
     classifier.to(dist.device)
     backbone = classifier.backbone
     train_data = encode(backbone, corpus.train, corpus.classes, corpus.tasks)
@@ -122,8 +125,8 @@ def _train(
         f"{config.model.backbone} + {config.recipe.kind} ({_method(config)}): "
         f"{summary.trainable if summary else 0:,} adapter parameters + head; "
         f"data {config.data.dataset}: {len(train_data)} train / {len(test_data)} test, "
-        f"{len(corpus.classes)} classes"
-        + (f", {len(corpus.tasks)} tasks" if corpus.tasks else "")
+        f"{plural(len(corpus.classes), 'class', 'classes')}"
+        + (f", {plural(len(corpus.tasks), 'task')}" if corpus.tasks else "")
         + (f"; {dist.world} processes" if dist.world > 1 else "")
     )
     trainer = Trainer(
@@ -136,7 +139,9 @@ def _train(
         checkpoint=config.checkpoint,
         config_dict=config.to_dict(),
         storage_options=storage_options,
-        on_epoch=epoch_evaluator(test_data, corpus.tasks, config.eval.batch_size, dist, say, history)
+        on_epoch=epoch_evaluator(
+            test_data, corpus.tasks, config.eval.batch_size, dist, say, history, config.output.merge
+        )
         if config.eval.every_epoch
         else None,
     )
@@ -161,11 +166,12 @@ def _train(
         results["trained"] = evaluate(
             classifier, test_data, corpus.tasks, config.eval.batch_size, is_routed(classifier)
         )
-        merged, reason = merged_copy(classifier)
+        merged, reason = merged_copy(classifier, config.output.merge)
         if reason is None:
-            results[f"merged ({config.recipe.merger.name})"] = evaluate(
-                merged, test_data, corpus.tasks, config.eval.batch_size, is_routed(merged)
-            )
+            if merge_changed(merged, classifier):  # an identity merge is the trained model: evaluated once
+                results[f"merged ({config.recipe.merger.name})"] = evaluate(
+                    merged, test_data, corpus.tasks, config.eval.batch_size, is_routed(merged)
+                )
             if config.output.merged:
                 merger = {"name": config.recipe.merger.name, "args": dict(config.recipe.merger.args)}
                 save_artifact(
@@ -175,7 +181,7 @@ def _train(
                     storage_options=storage_options,
                 )
                 say(f"saved merged adapter to {config.output.merged}")
-        else:
+        elif config.output.merge:
             say(f"not merged: {reason}")
     dist.barrier()
     return TrainResult(classifier, config, corpus.classes, corpus.tasks, step, results, history, stopped)

@@ -24,7 +24,9 @@ from adapterkit.plugin_api import (
     Folded,
     Merger,
     concat_factors,
+    non_negative,
     one_of,
+    optional,
     positive,
     truncate,
 )
@@ -141,7 +143,8 @@ class Collapse(Merger):
 
     @attrs.frozen
     class Config:
-        task: int | None = None
+        task: int | None = attrs.field(default=None, validator=optional(non_negative))
+        """The task's index in the router (the CLI also takes its name)."""
         fold: bool = False
 
     def merge_site(self, site: AdapterSite) -> AdapterSite | Folded:

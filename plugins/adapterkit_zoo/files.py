@@ -42,8 +42,9 @@ def _read_text(url: str, storage_options: Mapping[str, Any]) -> str:
             data: bytes = f.read()
     except FileNotFoundError:
         raise DataError(f"data file not found: {url}") from None
-    except ImportError as exc:
-        raise DataError(f"cannot open {url}: {exc}") from None
+    except Exception as exc:  # any backend's failure: botocore's NoCredentialsError is not an OSError
+        hint = " (storage options such as credentials or an endpoint: -o key=value)" if "://" in url else ""
+        raise DataError(f"cannot read {url}: {type(exc).__name__}: {exc}{hint}") from None
     return data.decode("utf-8", errors="replace")
 
 

@@ -89,9 +89,6 @@ def test_unwritable_outputs_are_refused_before_training(
         ({"output": {"adapter": f"{plain}/a.safetensors"}}, [], "output.adapter", "is not a folder"),
         ({"checkpoint": {"url": "http://127.0.0.1:9/c.ckpt", "every": 2}}, [], "checkpoint.url", "read-only"),
         ({"checkpoint": {"url": f"{mem}/ck/"}}, ["--stop-at", "1"], "checkpoint.url", "names a folder"),
-        ({}, ["--json", "http://127.0.0.1:9/report.json"], "--json: cannot write", "read-only"),
-        ({}, ["--json", str(folder)], "--json: cannot write", "that is a folder"),
-        ({}, ["--json", f"{mem}/reports/"], "--json", "names a folder"),
     ]
     for sections, extra, *expected in cases:
         cli_fails(runner, ["train", _config(tmp_path, **sections), "--no-progress", *extra], *expected)
@@ -122,8 +119,6 @@ def test_adapt_merge_heatmap_check_their_outputs_first(runner: CliRunner, tmp_pa
     never = f"{mem}/never-read.safetensors"  # the outputs are refused before the input is opened
     cli_fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--output", "https://example.invalid/a"],
            "--output", "read-only")
-    cli_fails(runner, ["adapt", never, "--task", "t", "--mode", "poly", "--json", str(tmp_path)],
-           "--json", "that is a folder")
     cli_fails(runner, ["merge", never, "http://127.0.0.1:9/m.safetensors"], "the merge target", "read-only")
     cli_fails(runner, ["merge", never, f"{mem}/out/"], "the merge target", "names a folder")
     cli_fails(runner, ["heatmap", never, str(tmp_path)], "PNG", "that is a folder")
