@@ -348,6 +348,8 @@ def merge_command(
 @click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]))
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--data", "data_url", metavar="URL",
+              help="Evaluate on this JSONL/CSV file instead of the run's own data (columns as the files dataset).")
 @json_flag
 @trust_file_option
 @storage_option
@@ -356,6 +358,7 @@ def eval_command(
     split: str,
     tasks: tuple[str, ...],
     batch_size: int,
+    data_url: str | None,
     as_json: bool,
     trust_file: bool,
     options_storage_option: tuple[str, ...],
@@ -367,10 +370,11 @@ def eval_command(
 
     storage = parse_options(options_storage_option)
     rows = evaluate_artifact(
-        url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage, trust_file=trust_file
+        url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage, trust_file=trust_file,
+        data=data_url,
     )
     if as_json:
-        _print_json({"url": url, "split": split, "rows": json_rows({"x": rows})["x"]})
+        _print_json({"url": url, "split": split, "data": data_url, "rows": json_rows({"x": rows})["x"]})
     else:
         click.echo(table({url.rsplit("/", 1)[-1][:20]: rows}))
 

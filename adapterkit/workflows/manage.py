@@ -11,7 +11,7 @@ from ..attach import merge
 from ..errors import AdapterkitError
 from ..storage import AdapterInfo
 from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
-from .config import ModelConfig
+from .config import DataConfig, ModelConfig
 from .data import Corpus, check_task, encode
 from .evaluation import Row, evaluate
 from .models import is_routed
@@ -52,14 +52,20 @@ def merge_artifact(
 
 def evaluation_data(
     artifact: Artifact, split: str, tasks: Sequence[str] = (), *, trust_file: bool = False, url: str = "the file",
-    storage_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None, data: str | None = None,
 ) -> tuple[Any, list[str]]:
-    """The artifact's own data (its dataset and selection), restricted to ``tasks``.
+    """The artifact's own data (its dataset and selection), or the JSONL/CSV file ``data``
+    (yours: every record is evaluated, labels among the run's classes, tasks among its
+    tasks), restricted to ``tasks``.
 
     A registered dataset loads as it is; data URLs and paths the file (``url``) names are
     opened only with ``trust_file``."""
     config = artifact.config
-    check_trusted(config, url, trust_file=trust_file, data=True)
+    if data is not None:
+        data_config = DataConfig("files", {"train": data, "test": data, "classes": list(artifact.classes)})
+        config = attrs.evolve(config, data=data_config)
+    else:
+        check_trusted(config, url, trust_file=trust_file, data=True)
     corpus = Corpus.load(config.data, config.train.seed, storage_options=storage_options)
     adapted = artifact.extra.get("task")
     inventory = [adapted] if adapted else list(artifact.tasks)
@@ -68,7 +74,13 @@ def evaluation_data(
     if adapted:  # an adapted model routes its one task as task 0
         examples = [e for e in corpus.split(split) if e.task == adapted]  # type: ignore[arg-type]
     else:
-        if corpus.tasks != artifact.tasks:
+        if data is not None and artifact.tasks and not corpus.tasks:
+            raise AdapterkitError(f"{data}: the adapter routes by task ({', '.join(artifact.tasks)}); "
+                                  "give every record a 'task'")
+        if data is not None and corpus.tasks and not set(corpus.tasks) <= set(artifact.tasks):
+            unknown = sorted(set(corpus.tasks) - set(artifact.tasks))
+            raise AdapterkitError(f"{data}: tasks {unknown} are not among the adapter's ({', '.join(artifact.tasks)})")
+        if data is None and corpus.tasks != artifact.tasks:
             raise AdapterkitError(f"the data's tasks {corpus.tasks} differ from the adapter's {artifact.tasks}")
         examples = corpus.split(split)  # type: ignore[arg-type]
     if tasks:
@@ -84,19 +96,21 @@ def evaluate_artifact(
     batch_size: int = 128,
     storage_options: Mapping[str, Any] | None = None,
     trust_file: bool = False,
+    data: str | None = None,
 ) -> list[Row]:
-    """Accuracy and macro-F1 of the run saved at ``url`` on its own data.
+    """Accuracy and macro-F1 of the run saved at ``url`` on its own data, or on the JSONL/CSV
+    file at ``data`` (``eval --data URL``: the same columns as the ``files`` dataset).
 
     ``trust_file``: the file may name a ``module:factory`` backbone to import and call and
     data URLs or paths to read; without it such a file is refused before anything runs."""
     artifact, _ = read_artifact(url, storage_options=storage_options)
-    check_trusted(artifact.config, url, trust_file=trust_file, data=True)  # before the model is built
+    check_trusted(artifact.config, url, trust_file=trust_file, data=data is None)  # before the model is built
     classifier, artifact = load_artifact(url, storage_options=storage_options, trust_file=trust_file)
     examples, inventory = evaluation_data(
-        artifact, split, tasks, trust_file=trust_file, url=url, storage_options=storage_options
+        artifact, split, tasks, trust_file=trust_file, url=url, storage_options=storage_options, data=data
     )
-    data = encode(classifier.backbone, examples, artifact.classes, inventory)
-    rows = evaluate(classifier, data, inventory, batch_size, is_routed(classifier))
+    encoded = encode(classifier.backbone, examples, artifact.classes, inventory)
+    rows = evaluate(classifier, encoded, inventory, batch_size, is_routed(classifier))
     if tasks and len(inventory) > 1:
         rows = [r for r in rows if r.task in set(tasks) or r.task == "all"]
     return rows

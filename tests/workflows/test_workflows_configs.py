@@ -138,3 +138,19 @@ def test_help_lines_are_whole_sentences_and_merge_lists_mergers(runner: CliRunne
 def test_plural() -> None:
     assert [plural(1, "seed"), plural(3, "seed"), plural(1, "class", "classes"), plural(2, "class", "classes")] == [
         "1 seed", "3 seeds", "1 class", "2 classes"]
+
+
+def test_eval_points_a_saved_run_at_other_data(runner: CliRunner, mem: str) -> None:
+    adapter = f"{mem}/run.safetensors"
+    workflows.train(workflows.from_dict(mlp_config(output={"adapter": adapter})), progress=False,
+                    echo=lambda _: None)
+    with fsspec.open(f"{mem}/other.jsonl", "w") as f:
+        f.write(_digits_jsonl(40))
+    out = runner.invoke(cli, ["eval", adapter, "--data", f"{mem}/other.jsonl", "--json", "--trust-file"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["data"] == f"{mem}/other.jsonl" and report["rows"][-1]["n"] == 40  # every record, once
+    with fsspec.open(f"{mem}/bad.jsonl", "w") as f:
+        f.write(json.dumps({"image": [[0.0] * 8] * 8, "label": "eleven"}) + "\n")
+    cli_fails(runner, ["eval", adapter, "--data", f"{mem}/bad.jsonl", "--trust-file"], "'eleven'", "classes")
