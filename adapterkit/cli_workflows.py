@@ -235,10 +235,11 @@ def adapt_command(
         )
         return
     click.echo("\n" + table({f"{mode} seed {r.seed}": r.rows for r in runs}))
-    click.echo(
-        f"{mode}, k={k}, {plural(len(runs), 'seed')}: accuracy {stats['accuracy']:.4f} ± {stats['accuracy_std']:.4f}, "
-        f"macro-F1 {stats['macro_f1']:.4f} ± {stats['macro_f1_std']:.4f}"
-    )
+    from .workflows.evaluation import LABELS
+
+    means = [f"{LABELS[name]} {value:.4f} ± {stats[name + '_std']:.4f}"
+             for name, value in stats.items() if not name.endswith("_std")]
+    click.echo(f"{mode}, k={k}, {plural(len(runs), 'seed')}: {', '.join(means)}")
 
 
 def _config_fields(cls: type) -> str:
@@ -350,6 +351,8 @@ def merge_command(
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--data", "data_url", metavar="URL",
               help="Evaluate on this JSONL/CSV file instead of the run's own data (columns as the files dataset).")
+@click.option("--num-beams", type=click.IntRange(min=1),
+              help="Generative objectives: beams to decode with (1: greedy; default: the run's [eval] num_beams).")
 @json_flag
 @trust_file_option
 @storage_option
@@ -359,11 +362,15 @@ def eval_command(
     tasks: tuple[str, ...],
     batch_size: int,
     data_url: str | None,
+    num_beams: int | None,
     as_json: bool,
     trust_file: bool,
     options_storage_option: tuple[str, ...],
 ) -> None:
-    """Report the accuracy and macro-F1 (per task and overall) of a saved adapter on its data."""
+    """Report the metrics (per task and overall) of a saved adapter on its data.
+
+    Classification: accuracy and macro-F1; causal-lm and seq2seq: perplexity on the targets,
+    exact match of the generated text, and accuracy and macro-F1 when targets are class words."""
     from .workflows import evaluate_artifact
     from .workflows.evaluation import as_json as json_rows
     from .workflows.evaluation import table
@@ -371,7 +378,7 @@ def eval_command(
     storage = parse_options(options_storage_option)
     rows = evaluate_artifact(
         url, split=split, tasks=tasks, batch_size=batch_size, storage_options=storage, trust_file=trust_file,
-        data=data_url,
+        data=data_url, num_beams=num_beams,
     )
     if as_json:
         _print_json({"url": url, "split": split, "data": data_url, "rows": json_rows({"x": rows})["x"]})

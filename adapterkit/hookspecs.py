@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
     from .site import AdapterSite
+    from .objectives import Objective
     from .zoo import Backbone, Dataset
 
 hookspec = pluggy.HookspecMarker("adapterkit")
@@ -107,6 +108,15 @@ def adapterkit_register_datasets(registry: Registry[Dataset]) -> None:
 
     :param registry: add :class:`~adapterkit.zoo.Dataset` subclasses by name; the name
         is what workflow configs write in ``[data] dataset``.
+    """
+
+
+@hookspec
+def adapterkit_register_objectives(registry: Registry[Objective]) -> None:
+    """Register objectives: what the workflows train a model to do (classification, causal-lm, ...).
+
+    :param registry: add :class:`~adapterkit.objectives.Objective` subclasses by name; the
+        name is what workflow configs write in ``[model] objective``.
     """
 
 

@@ -26,7 +26,9 @@ here, by job:
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
   :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
 - **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
-  :class:`Split`; storage helpers :func:`save_tensors`, :func:`load_tensors`,
+  :class:`Split`; objectives :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
+  :class:`Predictions`, the built-in :class:`Classification` and the helpers
+  :func:`device_of`, :func:`routing`, :func:`task_indices`); storage helpers :func:`save_tensors`, :func:`load_tensors`,
   :func:`parse_options`.
 
 A worked merger example is in ``docs/plugins.md``.
@@ -38,6 +40,17 @@ from .attach import attach, replace_sites, sites
 from .errors import AdapterkitError, RecipeError
 from .hookspecs import hookimpl
 from .lowrank import concat_factors, effective_rank, factorize, truncate
+from .objectives import (
+    BodyKind,
+    Classification,
+    Decoding,
+    Encoded,
+    Objective,
+    Predictions,
+    device_of,
+    routing,
+    task_indices,
+)
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import (
@@ -73,13 +86,19 @@ __all__ = [
     "AdapterSite",
     "AdapterkitError",
     "Backbone",
+    "BodyKind",
+    "Classification",
     "Configurable",
     "Dataset",
+    "Decoding",
+    "Encoded",
     "Example",
     "Folded",
     "LossTerm",
     "Merger",
+    "Objective",
     "Partition",
+    "Predictions",
     "Projection",
     "ProjectionSpec",
     "Recipe",
@@ -94,6 +113,7 @@ __all__ = [
     "attach",
     "batched_linear",
     "concat_factors",
+    "device_of",
     "effective_rank",
     "factorize",
     "factory_kwargs",
@@ -110,7 +130,9 @@ __all__ = [
     "positive_number",
     "probability",
     "replace_sites",
+    "routing",
     "save_tensors",
     "sites",
+    "task_indices",
     "truncate",
 ]

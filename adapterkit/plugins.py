@@ -24,6 +24,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .objectives import Objective
 from .registry import Registry
 from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
 from .site import AdapterSite
@@ -46,6 +47,7 @@ ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
     "loss": ("adapterkit_register_losses", "loss term", LossTerm),
     "backbone": ("adapterkit_register_backbones", "backbone", Backbone),
     "dataset": ("adapterkit_register_datasets", "dataset", Dataset),
+    "objective": ("adapterkit_register_objectives", "objective", Objective),
 }
 
 
@@ -145,6 +147,10 @@ class PluginHost:
     @property
     def datasets(self) -> Registry[Dataset]:
         return self.registries["dataset"]
+
+    @property
+    def objectives(self) -> Registry[Objective]:
+        return self.registries["objective"]
 
     # loading ----------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:

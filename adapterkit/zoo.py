@@ -12,13 +12,14 @@ body's own modules (``query``, ``_blocks.*``). A :class:`Dataset` yields labelle
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import AdapterkitError
 from .roles import Configurable
 
 Modality = Literal["text", "image"]
@@ -30,13 +31,18 @@ class Example:
     """One labelled example. ``label`` is a class name (see :meth:`Dataset.classes`).
 
     ``image`` is a float array ``[H, W]`` or ``[H, W, C]`` with values in ``[0, 1]``;
-    ``task`` names the example's task for multi-task data (``None``: single task).
+    ``task`` names the example's task for multi-task data (``None``: single task);
+    ``target`` is the text to generate from ``text`` for text-to-text objectives
+    (``None``: the label is the target). Text-to-text data with class-word targets sets
+    ``label`` to the target too, so classification, balanced subsets and few-shot sets
+    work on it unchanged.
     """
 
     label: str
     text: str | None = None
     image: np.ndarray | None = attrs.field(default=None, eq=False)
     task: str | None = None
+    target: str | None = None
 
 
 class Dataset(Configurable):
@@ -73,6 +79,21 @@ class Backbone(Configurable):
 
     def build(self) -> nn.Module:
         raise NotImplementedError
+
+    def build_for(self, kind: str) -> nn.Module:
+        """The body an objective needs (:attr:`adapterkit.objectives.Objective.body`):
+        ``encoder`` is :meth:`build`; ``causal-lm`` and ``seq2seq`` are language models,
+        which backbones that have one (a Hugging Face model folder) provide with
+        :meth:`tokenizer`."""
+        if kind == "encoder":
+            return self.build()
+        raise AdapterkitError(
+            f"backbone {type(self).__name__} has no {kind} model: give [model] path = a Hugging Face model folder"
+        )
+
+    def tokenizer(self) -> Any:
+        """The tokenizer of a text backbone (a ``transformers`` tokenizer)."""
+        raise AdapterkitError(f"backbone {type(self).__name__} has no tokenizer")
 
     def encode(self, examples: Sequence[Example]) -> dict[str, Tensor]:
         raise NotImplementedError

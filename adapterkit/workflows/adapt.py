@@ -29,12 +29,13 @@ from ..plugins import get_host
 from ..storage import save_tensors
 from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
 from .config import OptimConfig, TrainConfig
-from .data import Corpus, check_task, encode, few_shot
+from .data import Corpus, check_task, few_shot
 from .distributed import Dist
-from .evaluation import Row, evaluate
+from .evaluation import METRICS, Row, evaluate
 from .loop import Echo, Trainer
-from .models import is_routed
+from .models import is_routed, resolve_objective
 from .outputs import check_writable_prefix
+from .run import decoding
 
 
 @attrs.frozen
@@ -87,7 +88,10 @@ def adapt(
     # Reload the inventory's dataset with all its tasks: the new task is usually held out.
     args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
     data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)
-    corpus = Corpus.load(data_config, artifact.config.train.seed, storage_options=storage_options)
+    objective = resolve_objective(artifact.config.model)
+    corpus = Corpus.load(
+        data_config, artifact.config.train.seed, storage_options=storage_options, needs_classes=objective.needs_classes
+    )
     check_task(task, corpus.tasks, f"dataset {data_config.dataset!r}")
     if task in artifact.tasks:
         echo(f"note: task {task!r} is in the trained inventory; adapting it anyway")
@@ -100,8 +104,8 @@ def adapt(
         classifier.head.requires_grad_(train_head)
         trainable = sum(p.numel() for p in classifier.parameters() if p.requires_grad)
         shots = few_shot(corpus.train, task, k, seed, corpus.classes)
-        data = encode(classifier.backbone, shots, corpus.classes, [task])
-        test = encode(classifier.backbone, test_examples, corpus.classes, [task])
+        data = objective.encode(classifier.backbone, shots, corpus.classes, [task])
+        test = objective.encode(classifier.backbone, test_examples, corpus.classes, [task])
         trainer = Trainer(
             classifier,
             OptimConfig(lr=lr, router_lr=router_lr, warmup=0.0, schedule="constant"),
@@ -109,10 +113,14 @@ def adapt(
             Dist(),
             echo=echo,
             progress=progress,
+            objective=objective,
         )
         trainer.setup(len(data))
         trainer.fit(data)
-        rows = evaluate(classifier, test, [task], artifact.config.eval.batch_size, is_routed(classifier))
+        rows = evaluate(
+            classifier, test, [task], artifact.config.eval.batch_size, is_routed(classifier), objective,
+            decoding(artifact.config),
+        )
         target = routing = size = None
         if output:
             stem = f"{output.rstrip('/')}/{task}-{mode}-k{k}-seed{seed}"
@@ -131,8 +139,8 @@ def adapt(
                 meta = {"content": "per-task state", "mode": mode}
                 size = save_tensors(compact, routing, metadata=meta, storage_options=storage_options).file_size
         echo(
-            f"seed {seed}: {trainable:,} trainable parameters; {task} accuracy {rows[-1].accuracy:.4f} "
-            f"macro-F1 {rows[-1].macro_f1:.4f}" + (f"; saved {target}" if target else "")
+            f"seed {seed}: {trainable:,} trainable parameters; {task} {rows[-1].describe()}"
+            + (f"; saved {target}" if target else "")
         )
         if routing:
             note = "" if not train_head else " (the head trained too: it is only in the full file)"
@@ -142,18 +150,15 @@ def adapt(
 
 
 def summary(runs: Sequence[AdaptRun]) -> dict[str, float]:
-    acc = [r.rows[-1].accuracy for r in runs]
-    f1 = [r.rows[-1].macro_f1 for r in runs]
-
-    def spread(xs: list[float]) -> float:
-        return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-    return {
-        "accuracy": statistics.fmean(acc),
-        "accuracy_std": spread(acc),
-        "macro_f1": statistics.fmean(f1),
-        "macro_f1_std": spread(f1),
-    }
+    """The mean and standard deviation over seeds of each metric the runs report
+    (``accuracy``, ``accuracy_std``, ``macro_f1``, ...)."""
+    out: dict[str, float] = {}
+    for name in METRICS:
+        values = [v for r in runs if (v := getattr(r.rows[-1], name)) is not None]
+        if values:
+            out[name] = statistics.fmean(values)
+            out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
 
 
 def _row_init(value: str) -> str | int:

@@ -1,4 +1,4 @@
-"""Run artifacts: a trained (or merged, or adapted) classifier as one adapter file.
+"""Run artifacts: a trained (or merged, or adapted) model as one adapter file.
 
 An artifact is a real adapter file (:func:`adapterkit.save`): the body's adapter state
 as the model holds it (the recipe of its sites after any merge or adaptation, folded
@@ -25,14 +25,14 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from ..errors import AdapterkitError
 from ..storage import AdapterInfo, inspect, load, load_tensors, save
 from ..storage.errors import printable
 from ..storage.format import MAX_JSON_DEPTH, loads_bounded
-from ..zoo import Classifier
 from . import config as cfg
-from .models import build_classifier, resolve_backbone
+from .models import build_model, resolve_backbone, resolve_objective
 
 KEY = "workflow"
 STAGES = ("trained", "merged", "adapted")
@@ -148,7 +148,7 @@ class Artifact:
 
 
 def save_artifact(
-    classifier: Classifier, artifact: Artifact, url: str, *, storage_options: Mapping[str, Any] | None = None
+    classifier: nn.Module, artifact: Artifact, url: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> AdapterInfo:
     """Write the classifier's adapter state, head and metadata to ``url``."""
     head = {f"head.{k}": v.detach().contiguous() for k, v in classifier.head.state_dict().items()}
@@ -168,26 +168,31 @@ def load_artifact(
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
     trust_file: bool = False,
-) -> tuple[Classifier, Artifact]:
-    """Rebuild the classifier an artifact describes, with its tensors, in eval mode: a fresh
-    backbone, ``adapterkit.load`` of the file onto it, then the head.
+) -> tuple[nn.Module, Artifact]:
+    """Rebuild the model an artifact describes, with its tensors, in eval mode: a fresh
+    backbone built for the run's objective, ``adapterkit.load`` of the file onto it, then
+    the head.
 
     ``trust_file``: the file may name a ``module:factory`` backbone to import and call (and
-    the data to measure its feature size on); without it such a file is refused
-    (:class:`UntrustedFileError`) before anything is imported or opened."""
+    the data to measure its feature size on), or a model folder (``[model] path``) to
+    open; without it such a file is refused (:class:`UntrustedFileError`) before anything
+    is imported or opened."""
     from .distributed import check_device
 
     check_device(str(device), what="device")
     artifact, info = read_artifact(url, storage_options=storage_options)
     config = artifact.config
     check_trusted(config, url, trust_file=trust_file, data=False)
-    backbone = resolve_backbone(config.model, seed=config.train.seed)
+    objective = resolve_objective(config.model)
+    backbone = resolve_backbone(config.model, seed=config.train.seed, storage_options=storage_options)
     probe = None
     if ":" in config.model.backbone:  # a user module: measure its feature size on one example
         from .data import Corpus
 
-        probe = Corpus.load(config.data, config.train.seed, storage_options=storage_options).train[0]
-    classifier = build_classifier(backbone, None, len(artifact.classes), seed=config.train.seed, probe=probe)
+        probe = Corpus.load(
+            config.data, config.train.seed, storage_options=storage_options, needs_classes=objective.needs_classes
+        ).train[0]
+    classifier = build_model(objective, backbone, None, artifact.classes, seed=config.train.seed, probe=probe)
     load(url, classifier.body, storage_options=storage_options)
     head = load_tensors(url, [name for name in info.extra if name.startswith("head.")], storage_options=storage_options)
     try:

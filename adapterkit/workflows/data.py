@@ -1,7 +1,10 @@
 """Data for the workflows: resolve a dataset, check it, subsample it, encode it once.
 
-Examples are encoded by the backbone once (tokenised text, resized images) into
-tensors batched on dim 0, so a training step only indexes them.
+Examples are encoded once by the objective (:meth:`adapterkit.objectives.Objective.encode`:
+the backbone's tokenised text or resized images, token labels for language models) into
+tensors batched on dim 0 (:class:`~adapterkit.objectives.Encoded`), so a training step
+only indexes them. (A streamed dataset would replace these in-memory tensors with batches
+drawn by the same ``(seed, epoch)`` order; the loop only calls ``len`` and ``take``.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AdapterkitError
+from ..objectives import Classification, Encoded
 from ..plugins import PluginHost, get_host
 from ..recipe import build_config
 from ..zoo import Backbone, Dataset, Example, Split
@@ -24,21 +28,6 @@ from .config import DataConfig
 
 class DataError(AdapterkitError):
     """The data cannot be used: empty, labels outside the classes, unknown task, ..."""
-
-
-@attrs.frozen
-class Encoded:
-    """Examples as tensors: ``inputs`` for the backbone, ``labels`` and ``tasks`` (indices)."""
-
-    inputs: dict[str, Tensor]
-    labels: Tensor
-    tasks: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def take(self, index: Tensor) -> Encoded:
-        return Encoded({k: v[index] for k, v in self.inputs.items()}, self.labels[index], self.tasks[index])
 
 
 def resolve_dataset(
@@ -60,12 +49,13 @@ def _fields(cls: type) -> set[str]:
 
 
 def check_examples(examples: Sequence[Example], classes: Sequence[str], tasks: Sequence[str], what: str) -> None:
-    """One-line errors for an empty split, labels outside the classes, unknown tasks."""
+    """One-line errors for an empty split, labels outside the classes (when the data has
+    classes: free-form text-to-text targets have none), unknown tasks."""
     if not examples:
         raise DataError(f"the {what} split is empty")
     known, task_set = set(classes), set(tasks)
     for number, example in enumerate(examples, 1):
-        if example.label not in known:
+        if known and example.label not in known:
             raise DataError(
                 f"{what} example {number}: label {example.label!r} is not one of the classes ({', '.join(classes)})"
             )
@@ -115,18 +105,20 @@ def _round_robin(examples: Sequence[Example], members: list[int], n: int, rng: n
 
 
 def few_shot(examples: Sequence[Example], task: str | None, k: int, seed: int, classes: Sequence[str]) -> list[Example]:
-    """A balanced few-shot set: exactly ``k`` examples of every class of ``task`` (seeded)."""
+    """A balanced few-shot set: exactly ``k`` examples of every class of ``task`` (seeded);
+    ``k`` examples of the task when the data has no classes (free-form targets)."""
     pool: dict[str, list[int]] = defaultdict(list)
     for i, example in enumerate(examples):
         if example.task == task:
-            pool[example.label].append(i)
+            pool[example.label if classes else ""].append(i)
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for label in classes:
+    for label in classes or [""]:
         members = pool.get(label, [])
         if len(members) < k:
             where = f"task {task!r}" if task is not None else "the data"
-            raise DataError(f"{where} has {len(members)} training examples of class {label!r}; k = {k} needs {k}")
+            of = f" of class {label!r}" if classes else ""
+            raise DataError(f"{where} has {len(members)} training examples{of}; k = {k} needs {k}")
         chosen += [members[j] for j in rng.permutation(len(members))[:k]]
     return [examples[i] for i in chosen]
 
@@ -134,16 +126,9 @@ def few_shot(examples: Sequence[Example], task: str | None, k: int, seed: int, c
 def encode(
     backbone: Backbone, examples: Sequence[Example], classes: Sequence[str], tasks: Sequence[str], *, chunk: int = 1024
 ) -> Encoded:
-    """Encode examples with the backbone's preprocessing; labels and tasks become indices."""
-    class_index = {c: i for i, c in enumerate(classes)}
-    task_index = {t: i for i, t in enumerate(tasks)}
-    parts = [backbone.encode(examples[i : i + chunk]) for i in range(0, len(examples), chunk)]
-    inputs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]} if parts else {}
-    labels = torch.tensor([class_index[e.label] for e in examples], dtype=torch.long)
-    task_ids = torch.tensor(
-        [task_index.get(e.task, 0) if e.task is not None else 0 for e in examples], dtype=torch.long
-    )
-    return Encoded(inputs, labels, task_ids)
+    """Encode examples for classification (the backbone's preprocessing; labels and tasks
+    become indices); other objectives encode with :meth:`~adapterkit.objectives.Objective.encode`."""
+    return Classification().encode(backbone, examples, classes, tasks, chunk=chunk)
 
 
 @attrs.define
@@ -159,11 +144,13 @@ class Corpus:
     @classmethod
     def load(
         cls, config: DataConfig, seed: int, host: PluginHost | None = None,
-        storage_options: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None, *, needs_classes: bool = True,
     ) -> Corpus:
+        """``needs_classes``: refuse data that declares none (classification; generative
+        objectives also take free-form targets)."""
         dataset = resolve_dataset(config, host, storage_options)
         classes, tasks = dataset.classes(), dataset.tasks()
-        if not classes:
+        if not classes and needs_classes:
             raise DataError(f"dataset {config.dataset!r} declares no classes")
         splits: dict[str, list[Example]] = {}
         for split, per_task in (("train", config.train_per_task), ("test", config.test_per_task)):

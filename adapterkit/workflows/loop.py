@@ -1,6 +1,7 @@
 """The training loop shared by ``train`` and ``adapt``.
 
-A method is a recipe: the loop knows no method by name. It builds AdamW with the router
+A method is a recipe and a task is an objective: the loop knows neither by name. The
+objective (:class:`~adapterkit.objectives.Objective`) gives the loss of a forward's output. It builds AdamW with the router
 parameter groups (:func:`adapterkit.optim.adamw`, exact for cell-sparse parameters),
 routes task ids when the model has routed sites, reports training progress to samplers
 (``Sampler.set_progress``), and adds the loss term the config names (``[train] loss``,
@@ -20,16 +21,15 @@ from typing import Any
 import attrs
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..attach import folded_sites, merge, recipe_of, route, sites
 from ..errors import AdapterkitError
+from ..objectives import Classification, Decoding, Objective
 from ..plugins import get_host
 from ..progress import progress
 from ..recipe import build_config
 from ..roles import LossTerm
 from ..training import freeze_norm_statistics
-from ..zoo import Classifier
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CheckpointConfig, OptimConfig, TrainConfig
 from .data import Encoded, batch_plan
@@ -61,7 +61,7 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
     return adamw(model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr)
 
 
-def merged_copy(classifier: Classifier, enabled: bool = True) -> tuple[Classifier, str | None]:
+def merged_copy(classifier: nn.Module, enabled: bool = True) -> tuple[nn.Module, str | None]:
     """A copy merged with the recipe's merger (the deployed model), or the copy unmerged
     and the reason when the recipe's merger cannot merge this model (or ``enabled`` is off)."""
     copy = shared_copy(classifier)
@@ -74,7 +74,7 @@ def merged_copy(classifier: Classifier, enabled: bool = True) -> tuple[Classifie
     return copy, None
 
 
-def merge_changed(merged: Classifier, trained: Classifier) -> bool:
+def merge_changed(merged: nn.Module, trained: nn.Module) -> bool:
     """Did the merge change the model (an ``identity`` merge leaves the same sites and recipe)?"""
     return recipe_of(merged.body) != recipe_of(trained.body) or bool(folded_sites(merged.body))
 
@@ -91,9 +91,10 @@ def make_loss_term(table: Mapping[str, Any] | None) -> LossTerm | None:
 
 @attrs.define
 class Trainer:
-    """Runs optimizer steps over an encoded training set on one or many processes."""
+    """Runs optimizer steps over an encoded training set on one or many processes
+    (``classifier``: the objective's wrapped model, whatever the objective)."""
 
-    classifier: Classifier
+    classifier: nn.Module
     optim: OptimConfig
     train: TrainConfig
     dist: Dist
@@ -101,8 +102,9 @@ class Trainer:
     progress: bool = True
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     config_dict: dict[str, Any] = attrs.field(factory=dict)
-    on_epoch: Callable[[int, Classifier], None] | None = None
+    on_epoch: Callable[[int, nn.Module], None] | None = None
     storage_options: Mapping[str, Any] | None = None  # fsspec options of the checkpoint URL
+    objective: Objective = attrs.field(factory=Classification)
     optimizer: torch.optim.Optimizer = attrs.field(init=False)
     scheduler: Any = attrs.field(init=False)
     total: int = attrs.field(init=False, default=0)
@@ -197,8 +199,8 @@ class Trainer:
         return [n for n, p in self.classifier.named_parameters() if p.requires_grad and id(p) not in reached]
 
     def _loss(self, model: nn.Module, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
-        def task_loss(logits: Tensor) -> Tensor:
-            return F.cross_entropy(logits, labels)
+        def task_loss(outputs: Tensor) -> Tensor:
+            return self.objective.loss(outputs, labels)
 
         if self.loss_term is None:
             return task_loss(model(**inputs))
@@ -259,18 +261,17 @@ class Trainer:
 
 def epoch_evaluator(
     test: Encoded, tasks: list[str], batch_size: int, dist: Dist, echo: Echo, history: list[dict[str, Any]],
-    merge: bool = True,
-) -> Callable[[int, Classifier], None]:
+    merge: bool = True, objective: Objective | None = None, decoding: Decoding | None = None,
+) -> Callable[[int, nn.Module], None]:
     """End-of-epoch evaluation on the main rank, with merged weights where the method merges
     (unless ``merge`` is off: ``[output] merge = false``)."""
 
-    def on_epoch(epoch: int, classifier: Classifier) -> None:
+    def on_epoch(epoch: int, classifier: nn.Module) -> None:
         if dist.main:
             evaluated, reason = merged_copy(classifier, merge)
-            rows = evaluate(evaluated, test, tasks, batch_size, is_routed(evaluated))
-            total = rows[-1]
+            rows = evaluate(evaluated, test, tasks, batch_size, is_routed(evaluated), objective, decoding)
             what = "merged" if reason is None else "unmerged"
-            echo(f"epoch {epoch}: test accuracy {total.accuracy:.4f} macro-F1 {total.macro_f1:.4f} ({what})")
+            echo(f"epoch {epoch}: test {rows[-1].describe()} ({what})")
             history.append({"epoch": epoch, "merged": reason is None, "rows": [r.to_dict() for r in rows]})
         dist.barrier()
 

@@ -12,9 +12,9 @@ from ..errors import AdapterkitError
 from ..storage import AdapterInfo
 from .artifacts import Artifact, check_trusted, load_artifact, read_artifact, save_artifact
 from .config import DataConfig, ModelConfig
-from .data import Corpus, check_task, encode
+from .data import Corpus, check_task
 from .evaluation import Row, evaluate
-from .models import is_routed
+from .models import is_routed, resolve_objective
 from .outputs import check_writable
 
 
@@ -66,7 +66,8 @@ def evaluation_data(
         config = attrs.evolve(config, data=data_config)
     else:
         check_trusted(config, url, trust_file=trust_file, data=True)
-    corpus = Corpus.load(config.data, config.train.seed, storage_options=storage_options)
+    needs_classes = resolve_objective(config.model).needs_classes
+    corpus = Corpus.load(config.data, config.train.seed, storage_options=storage_options, needs_classes=needs_classes)
     adapted = artifact.extra.get("task")
     inventory = [adapted] if adapted else list(artifact.tasks)
     for task in tasks:
@@ -97,9 +98,12 @@ def evaluate_artifact(
     storage_options: Mapping[str, Any] | None = None,
     trust_file: bool = False,
     data: str | None = None,
+    num_beams: int | None = None,
 ) -> list[Row]:
-    """Accuracy and macro-F1 of the run saved at ``url`` on its own data, or on the JSONL/CSV
-    file at ``data`` (``eval --data URL``: the same columns as the ``files`` dataset).
+    """The metrics of the run saved at ``url`` (what fits its objective: accuracy and
+    macro-F1; perplexity and generation metrics, decoded as its ``[eval]`` config says) on
+    its own data, or on the JSONL/CSV file at ``data`` (``eval --data URL``: the same
+    columns as the ``files`` dataset). ``num_beams`` overrides the run's ``[eval] num_beams``.
 
     ``trust_file``: the file may name a ``module:factory`` backbone to import and call and
     data URLs or paths to read; without it such a file is refused before anything runs."""
@@ -109,8 +113,14 @@ def evaluate_artifact(
     examples, inventory = evaluation_data(
         artifact, split, tasks, trust_file=trust_file, url=url, storage_options=storage_options, data=data
     )
-    encoded = encode(classifier.backbone, examples, artifact.classes, inventory)
-    rows = evaluate(classifier, encoded, inventory, batch_size, is_routed(classifier))
+    from .run import decoding
+
+    objective = resolve_objective(artifact.config.model)
+    decode = decoding(artifact.config)
+    if num_beams is not None:
+        decode = attrs.evolve(decode, num_beams=num_beams)
+    encoded = objective.encode(classifier.backbone, examples, artifact.classes, inventory)
+    rows = evaluate(classifier, encoded, inventory, batch_size, is_routed(classifier), objective, decode)
     if tasks and len(inventory) > 1:
         rows = [r for r in rows if r.task in set(tasks) or r.task == "all"]
     return rows
@@ -149,7 +159,7 @@ def merge_adapters(
         artifact, _ = read_artifact(sources[0], storage_options=storage_options)
         check_trusted(artifact.config, sources[0], trust_file=trust_file, data=False)
         model = artifact.config.model
-    body = resolve_backbone(model).build()
+    body = resolve_backbone(model, storage_options=storage_options).build_for(resolve_objective(model).body)
     stack(list(sources), body, storage_options=storage_options)
     merge_model(body, merger, **dict(args or {}))
     return save(body, dst, storage_options=storage_options)

@@ -1,9 +1,12 @@
-"""Models for the workflows: resolve a backbone, add a head, attach a recipe.
+"""Models for the workflows: resolve a backbone and an objective, build the body the
+objective needs, attach a recipe, wrap it (e.g. a new head).
 
-A backbone is a registered name (``minilm``) or an import path ``package.module:factory``
-to your own: the factory gets the ``[model]`` arguments and returns a
-:class:`~adapterkit.zoo.Backbone`, or an ``nn.Module`` mapping images ``[b, C, H, W]``
-(values in [0, 1], native size) to feature vectors ``[b, d]``.
+A backbone is a registered name (``minilm``; ``hf`` with ``[model] path``: a Hugging Face
+model folder) or an import path ``package.module:factory`` to your own: the factory gets
+the ``[model]`` arguments and returns a :class:`~adapterkit.zoo.Backbone`, or an
+``nn.Module`` mapping images ``[b, C, H, W]`` (values in [0, 1], native size) to feature
+vectors ``[b, d]``. The objective (``[model] objective``, default ``classification``)
+comes from the ``objective`` registry.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from ..attach import attach, sites
 from ..errors import AdapterkitError
+from ..objectives import Classification, Objective
 from ..plugins import PluginHost, get_host
 from ..recipe import Recipe, RoleSpec, build_config
 from ..zoo import Backbone, Classifier, Example
@@ -53,9 +58,21 @@ class ModuleBackbone(Backbone):
         raise NotImplementedError  # measured on the first real example, see build_classifier
 
 
-def resolve_backbone(config: ModelConfig, host: PluginHost | None = None, *, seed: int = 0) -> Backbone:
+def resolve_objective(config: ModelConfig, host: PluginHost | None = None) -> Objective:
+    """The objective ``[model] objective`` names, with its arguments."""
+    host = host or get_host()
+    cls = host.objectives[config.objective_name]
+    return cls(build_config(cls, config.objective_args, f"objective {config.objective_name!r}"))  # type: ignore[no-any-return]
+
+
+def resolve_backbone(
+    config: ModelConfig, host: PluginHost | None = None, *, seed: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Backbone:
     """A registered backbone by name, or a user factory by ``module:attribute``.
 
+    ``storage_options`` (the CLI's ``-o``) reach a registered backbone that reads URLs
+    (its config has a ``storage_options`` field: ``hf``) unless the config sets its own.
     A factory runs under ``torch.manual_seed(seed)`` (the run's seed; the global RNG is
     restored after): a model it initialises randomly is the same model in every process,
     so an adapter trained on it loads onto the same weights in ``eval``/``merge``/``adapt``.
@@ -63,7 +80,10 @@ def resolve_backbone(config: ModelConfig, host: PluginHost | None = None, *, see
     if ":" not in config.backbone:
         host = host or get_host()
         cls = host.backbones[config.backbone]
-        return cls(build_config(cls, config.args, f"backbone {config.backbone!r}"))
+        args = dict(config.args)
+        if storage_options and "storage_options" not in args and "storage_options" in _fields(cls):
+            args["storage_options"] = dict(storage_options)
+        return cls(build_config(cls, args, f"backbone {config.backbone!r}"))
     module_name, _, attr = config.backbone.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -82,6 +102,11 @@ def resolve_backbone(config: ModelConfig, host: PluginHost | None = None, *, see
     raise ConfigError(
         f"model factory {config.backbone!r} must return a Backbone or an nn.Module, got {type(made).__name__}"
     )
+
+
+def _fields(cls: type) -> set[str]:
+    config = getattr(cls, "Config", None)
+    return {f.name for f in attrs.fields(config)} if config is not None and attrs.has(config) else set()
 
 
 def recipe_for_tasks(recipe: Recipe, n_tasks: int, host: PluginHost | None = None) -> Recipe:
@@ -106,8 +131,25 @@ def build_classifier(
 ) -> Classifier:
     """Build the body, attach the recipe (``None``: not yet, e.g. ``adapterkit.load`` will),
     add a new head; seeded, so every rank agrees."""
+    classes = [str(i) for i in range(num_classes)]
+    return build_model(Classification(), backbone, recipe, classes, seed=seed, probe=probe, host=host)  # type: ignore[return-value]
+
+
+def build_model(
+    objective: Objective,
+    backbone: Backbone,
+    recipe: Recipe | None,
+    classes: Sequence[str],
+    *,
+    seed: int,
+    probe: Example | None = None,
+    host: PluginHost | None = None,
+) -> nn.Module:
+    """Build the body the objective needs, attach the recipe (``None``: not yet, e.g.
+    ``adapterkit.load`` will), wrap it (:meth:`~adapterkit.objectives.Objective.wrap`: a new
+    head for classification); seeded, so every rank agrees."""
     torch.manual_seed(seed)
-    body = backbone.build()
+    body = backbone.build_for(objective.body)
     for p in body.parameters():
         p.requires_grad_(False)
     if isinstance(backbone, ModuleBackbone):
@@ -119,14 +161,14 @@ def build_classifier(
     if recipe is not None:
         attach(body, recipe, host=host)
     torch.manual_seed(seed)
-    return Classifier(backbone, body, num_classes)
+    return objective.wrap(backbone, body, classes)
 
 
-def is_routed(classifier: Classifier) -> bool:
+def is_routed(classifier: nn.Module) -> bool:
     return any(site.router.needs_task_ids for site in sites(classifier.body).values())
 
 
-def trainable_state(classifier: Classifier) -> dict[str, Tensor]:
+def trainable_state(classifier: nn.Module) -> dict[str, Tensor]:
     """What a run trains and saves: the adapter tensors of the body plus the head."""
     from ..attach import adapter_state_dict
 
@@ -135,7 +177,7 @@ def trainable_state(classifier: Classifier) -> dict[str, Tensor]:
     return out
 
 
-def load_trainable_state(classifier: Classifier, tensors: Mapping[str, Tensor]) -> None:
+def load_trainable_state(classifier: nn.Module, tensors: Mapping[str, Tensor]) -> None:
     """Copy saved tensors into the classifier; names and shapes must match exactly."""
     own = dict(classifier.named_parameters()) | dict(classifier.named_buffers())
     expected = trainable_state(classifier)
@@ -154,6 +196,6 @@ def load_trainable_state(classifier: Classifier, tensors: Mapping[str, Tensor]) 
             target.copy_(value)
 
 
-def shared_copy(classifier: Classifier) -> Classifier:
+def shared_copy(classifier: nn.Module) -> nn.Module:
     """A deep copy that shares the backbone object (tokenizers are not copied)."""
     return copy.deepcopy(classifier, {id(classifier.backbone): classifier.backbone})

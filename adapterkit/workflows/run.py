@@ -7,25 +7,26 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 
 from ..attach import state_of
 from ..errors import AdapterkitError
 from ..plugins import PluginHost
 from ..wording import plural
-from ..zoo import Classifier
+from ..objectives import Decoding, Objective
 from .artifacts import Artifact, save_artifact
 from .config import WorkflowConfig
-from .data import Corpus, encode
+from .data import Corpus
 from .distributed import Dist, check_device, setup, teardown
 from .evaluation import Row, evaluate
 from .loop import Echo, Trainer, epoch_evaluator, merge_changed, merged_copy
-from .models import build_classifier, is_routed, recipe_for_tasks, resolve_backbone
+from .models import build_model, is_routed, recipe_for_tasks, resolve_backbone, resolve_objective
 from .outputs import check_writable
 
 
 @attrs.frozen
 class TrainResult:
-    classifier: Classifier
+    classifier: nn.Module  # the objective's model: a Classifier, or a language model wrapper
     config: WorkflowConfig
     classes: list[str]
     tasks: list[str]
@@ -35,23 +36,28 @@ class TrainResult:
     stopped: bool = False
 
 
+def decoding(config: WorkflowConfig) -> Decoding:
+    return Decoding(config.eval.num_beams, config.eval.max_new_tokens)
+
+
 def prepare(
     config: WorkflowConfig, host: PluginHost | None = None, storage_options: Mapping[str, Any] | None = None
-) -> tuple[WorkflowConfig, Corpus, Classifier]:
-    """Load the data and build the classifier (recipe's router tasks filled from the data)."""
-    corpus = Corpus.load(config.data, config.train.seed, host, storage_options)
+) -> tuple[WorkflowConfig, Corpus, nn.Module]:
+    """Load the data and build the objective's model (recipe's router tasks filled from the data)."""
+    objective = resolve_objective(config.model, host)
+    corpus = Corpus.load(config.data, config.train.seed, host, storage_options, needs_classes=objective.needs_classes)
     # the router's task count against the data's before the backbone is built (a Poly
     # router declaring 3 tasks must not train silently on single-task data)
     recipe = recipe_for_tasks(config.recipe, len(corpus.tasks), host)
     config = attrs.evolve(config, recipe=recipe)
-    backbone = resolve_backbone(config.model, host, seed=config.train.seed)
+    backbone = resolve_backbone(config.model, host, seed=config.train.seed, storage_options=storage_options)
     if backbone.modality != corpus.dataset.modality:
         raise AdapterkitError(
             f"backbone {config.model.backbone!r} takes {backbone.modality} but dataset "
             f"{config.data.dataset!r} holds {corpus.dataset.modality}"
         )
-    classifier = build_classifier(
-        backbone, recipe, len(corpus.classes), seed=config.train.seed, probe=corpus.train[0], host=host
+    classifier = build_model(
+        objective, backbone, recipe, corpus.classes, seed=config.train.seed, probe=corpus.train[0], host=host
     )
     return config, corpus, classifier
 
@@ -115,17 +121,20 @@ def _train(
 ) -> TrainResult:
     config, corpus, classifier = prepare(config, host, storage_options)
     classifier.to(dist.device)
+    objective: Objective = resolve_objective(config.model, host)
     backbone = classifier.backbone
-    train_data = encode(backbone, corpus.train, corpus.classes, corpus.tasks)
-    test_data = encode(backbone, corpus.test, corpus.classes, corpus.tasks)
+    train_data = objective.encode(backbone, corpus.train, corpus.classes, corpus.tasks)
+    test_data = objective.encode(backbone, corpus.test, corpus.classes, corpus.tasks)
+    decode = decoding(config)
     history: list[dict[str, Any]] = []
     say = echo if dist.main else (lambda _: None)
     summary = state_of(classifier.body).summary
     say(
-        f"{config.model.backbone} + {config.recipe.kind} ({_method(config)}): "
-        f"{summary.trainable if summary else 0:,} adapter parameters + head; "
-        f"data {config.data.dataset}: {len(train_data)} train / {len(test_data)} test, "
-        f"{plural(len(corpus.classes), 'class', 'classes')}"
+        f"{_model(config)} + {config.recipe.kind} ({_method(config)}): "
+        f"{summary.trainable if summary else 0:,} adapter parameters"
+        + (" + head" if any(True for _ in classifier.head.parameters()) else "")
+        + f"; data {config.data.dataset}: {len(train_data)} train / {len(test_data)} test, "
+        f"{plural(len(corpus.classes), 'class', 'classes') if corpus.classes else 'free-form targets'}"
         + (f", {plural(len(corpus.tasks), 'task')}" if corpus.tasks else "")
         + (f"; {dist.world} processes" if dist.world > 1 else "")
     )
@@ -140,10 +149,11 @@ def _train(
         config_dict=config.to_dict(),
         storage_options=storage_options,
         on_epoch=epoch_evaluator(
-            test_data, corpus.tasks, config.eval.batch_size, dist, say, history, config.output.merge
+            test_data, corpus.tasks, config.eval.batch_size, dist, say, history, config.output.merge, objective, decode
         )
         if config.eval.every_epoch
         else None,
+        objective=objective,
     )
     trainer.setup(len(train_data))
     start = 0
@@ -164,13 +174,13 @@ def _train(
             save_artifact(classifier, artifact, config.output.adapter, storage_options=storage_options)
             say(f"saved adapter to {config.output.adapter}")
         results["trained"] = evaluate(
-            classifier, test_data, corpus.tasks, config.eval.batch_size, is_routed(classifier)
+            classifier, test_data, corpus.tasks, config.eval.batch_size, is_routed(classifier), objective, decode
         )
         merged, reason = merged_copy(classifier, config.output.merge)
         if reason is None:
             if merge_changed(merged, classifier):  # an identity merge is the trained model: evaluated once
                 results[f"merged ({config.recipe.merger.name})"] = evaluate(
-                    merged, test_data, corpus.tasks, config.eval.batch_size, is_routed(merged)
+                    merged, test_data, corpus.tasks, config.eval.batch_size, is_routed(merged), objective, decode
                 )
             if config.output.merged:
                 merger = {"name": config.recipe.merger.name, "args": dict(config.recipe.merger.args)}
@@ -185,6 +195,13 @@ def _train(
             say(f"not merged: {reason}")
     dist.barrier()
     return TrainResult(classifier, config, corpus.classes, corpus.tasks, step, results, history, stopped)
+
+
+def _model(config: WorkflowConfig) -> str:
+    """The model in a status line: the backbone, or the model folder, and a non-default objective."""
+    name = str(config.model.args.get("path", config.model.backbone)) if config.model.backbone == "hf" else config.model.backbone
+    objective = config.model.objective_name
+    return name if objective == "classification" else f"{name} ({objective})"
 
 
 def _method(config: WorkflowConfig) -> str:

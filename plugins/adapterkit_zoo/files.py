@@ -1,7 +1,10 @@
 """``files``: your own labelled data, JSONL or CSV, from any fsspec URL.
 
 Each record has a ``text`` or an ``image`` column, a ``label`` column and an optional
-``task`` column (names configurable). Images are nested lists of pixel values (JSONL;
+``task`` column (names configurable); or, for text-to-text objectives (``causal-lm``,
+``seq2seq``), an ``input`` and a ``target`` column (the target is also the example's
+label: give ``classes`` when targets are class words, to score accuracy and macro-F1;
+without ``classes`` targets are free-form text). Images are nested lists of pixel values (JSONL;
 [0, 1], or 0-255 when any value exceeds 1) or paths/URLs of image files (decoded with
 Pillow) relative to the data file. Without a ``test`` URL a stratified
 ``test_fraction`` of ``train`` is held out.
@@ -103,8 +106,11 @@ class Files(Dataset):
         image_column: str = "image"
         label_column: str = "label"
         task_column: str = "task"
+        input_column: str = "input"
+        target_column: str = "target"
         classes: list[str] | None = None
-        """Class names in order; default: the sorted labels of the training file."""
+        """Class names in order; default: the sorted labels of the training file (none for
+        text-to-text files: free-form targets)."""
         test_fraction: float = attrs.field(default=0.2, validator=fraction)
         seed: int = 0
         storage_options: dict[str, Any] = attrs.field(factory=dict)
@@ -114,6 +120,7 @@ class Files(Dataset):
         self._cache: dict[str, list[Example]] | None = None
         self._classes: list[str] = []
         self._tasks: list[str] = []
+        self._text_to_text = False
         self.modality = "text"
 
     def _parse(self, url: str) -> list[Example]:
@@ -122,6 +129,8 @@ class Files(Dataset):
         if not records:
             raise DataError(f"data file {url} holds no records")
         columns = set(records[0])
+        if cfg.target_column in columns:
+            return self._parse_text_to_text(url, records)
         if cfg.label_column not in columns:
             raise DataError(
                 f"data file {url} has no label column {cfg.label_column!r}; columns: {', '.join(sorted(columns))}"
@@ -160,6 +169,25 @@ class Files(Dataset):
                 )
         return out
 
+    def _parse_text_to_text(self, url: str, records: list[dict[str, Any]]) -> list[Example]:
+        cfg = self.config
+        source = cfg.input_column if cfg.input_column in records[0] else cfg.text_column
+        if source not in records[0]:
+            raise DataError(
+                f"data file {url} has a {cfg.target_column!r} column but no {cfg.input_column!r} "
+                f"(or {cfg.text_column!r}); columns: {', '.join(sorted(records[0]))}"
+            )
+        self._text_to_text = True
+        out = []
+        for number, record in enumerate(records, 1):
+            missing = [c for c in (source, cfg.target_column) if c not in record]
+            if missing:
+                raise DataError(f"{url} record {number} has no column {missing[0]!r}")
+            task, target = record.get(cfg.task_column), str(record[cfg.target_column])
+            out.append(Example(label=target, text=str(record[source]), target=target,
+                               task=None if task in (None, "") else str(task)))
+        return out
+
     def _load(self) -> dict[str, list[Example]]:
         if self._cache is None:
             cfg = self.config
@@ -169,11 +197,14 @@ class Files(Dataset):
             else:
                 keep, held = stratified_split([(e.task, e.label) for e in train], cfg.test_fraction, cfg.seed)
                 train, test = [train[i] for i in keep], [train[i] for i in held]
-            self._classes = list(cfg.classes) if cfg.classes else sorted({e.label for e in train})
+            if cfg.classes:
+                self._classes = list(cfg.classes)
+            else:  # text-to-text targets are free-form unless the classes are given
+                self._classes = [] if self._text_to_text else sorted({e.label for e in train})
             known = set(self._classes)
             for split, examples in (("train", train), ("test", test)):
                 for number, e in enumerate(examples, 1):
-                    if e.label not in known:
+                    if known and e.label not in known:
                         raise DataError(
                             f"{split} example {number}: label {e.label!r} is not one of the classes "
                             f"({', '.join(self._classes)})"
