@@ -20,10 +20,10 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from .objectives import Objective
     from .registry import Registry
     from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
     from .site import AdapterSite
-    from .objectives import Objective
     from .zoo import Backbone, Dataset
 
 hookspec = pluggy.HookspecMarker("adapterkit")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .roles import Configurable
-from .zoo import Backbone, Classifier, Example
+from .zoo import Backbone, Classifier, Example, WorkflowModel
 
 BodyKind = Literal["encoder", "causal-lm", "seq2seq"]
 
@@ -93,7 +93,7 @@ class Objective(Configurable):
     body: ClassVar[BodyKind] = "encoder"
     needs_classes: ClassVar[bool] = True
 
-    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> nn.Module:
+    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> WorkflowModel:
         raise NotImplementedError
 
     def encode(
@@ -104,7 +104,9 @@ class Objective(Configurable):
     def loss(self, outputs: Any, labels: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, data: Encoded, batch_size: int, routed: bool, decoding: Decoding) -> Predictions:
+    def predict(
+        self, model: WorkflowModel, data: Encoded, batch_size: int, routed: bool, decoding: Decoding
+    ) -> Predictions:
         raise NotImplementedError
 
 
@@ -112,7 +114,7 @@ def device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def routing(model: nn.Module, task_ids: Tensor, routed: bool) -> contextlib.AbstractContextManager[Any]:
+def routing(model: WorkflowModel, task_ids: Tensor, routed: bool) -> contextlib.AbstractContextManager[Any]:
     """``adapterkit.route(model.body, task_ids)`` when the model routes, else nothing."""
     from .attach import route  # (attach imports the plugin host, which imports this module)
 
@@ -131,7 +133,7 @@ class Classification(Objective):
 
     body: ClassVar[BodyKind] = "encoder"
 
-    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> nn.Module:
+    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> WorkflowModel:
         return Classifier(backbone, body, len(classes))
 
     def encode(
@@ -148,7 +150,9 @@ class Classification(Objective):
         return F.cross_entropy(outputs, labels)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, data: Encoded, batch_size: int, routed: bool, decoding: Decoding) -> Predictions:
+    def predict(
+        self, model: WorkflowModel, data: Encoded, batch_size: int, routed: bool, decoding: Decoding
+    ) -> Predictions:
         device, training = device_of(model), model.training
         model.eval()
         preds = []

@@ -26,7 +26,7 @@ here, by job:
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
   :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
 - **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
-  :class:`Split`; objectives :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
+  :class:`Split`, :class:`WorkflowModel`; objectives :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
   :class:`Predictions`, the built-in :class:`Classification` and the helpers
   :func:`device_of`, :func:`routing`, :func:`task_indices`); storage helpers :func:`save_tensors`, :func:`load_tensors`,
   :func:`parse_options`.
@@ -79,7 +79,7 @@ from .validators import (
     positive_number,
     probability,
 )
-from .zoo import Backbone, Dataset, Example, Split
+from .zoo import Backbone, Dataset, Example, Split, WorkflowModel
 
 __all__ = [
     "AdaptMode",
@@ -135,4 +135,5 @@ __all__ = [
     "sites",
     "task_indices",
     "truncate",
+    "WorkflowModel",
 ]

@@ -108,7 +108,17 @@ class Backbone(Configurable):
             return int(self.features(body, self.encode([probe])).shape[-1])
 
 
-class Classifier(nn.Module):
+class WorkflowModel(nn.Module):
+    """What an objective wraps a body into (:meth:`adapterkit.objectives.Objective.wrap`):
+    ``body`` (adapters attach there), ``head`` (what a run trains and saves besides the
+    adapters; an empty module when the body predicts by itself) and ``backbone``."""
+
+    backbone: Backbone
+    body: nn.Module
+    head: nn.Module
+
+
+class Classifier(WorkflowModel):
     """A backbone's body plus a new linear head: ``forward(**inputs) -> logits``.
 
     Adapters attach to :attr:`body` (``adapterkit.attach(classifier.body, recipe)``);

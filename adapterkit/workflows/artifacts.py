@@ -25,12 +25,12 @@ from typing import Any
 
 import attrs
 import torch
-from torch import nn
 
 from ..errors import AdapterkitError
 from ..storage import AdapterInfo, inspect, load, load_tensors, save
 from ..storage.errors import printable
 from ..storage.format import MAX_JSON_DEPTH, loads_bounded
+from ..zoo import WorkflowModel
 from . import config as cfg
 from .models import build_model, resolve_backbone, resolve_objective
 
@@ -148,7 +148,7 @@ class Artifact:
 
 
 def save_artifact(
-    classifier: nn.Module, artifact: Artifact, url: str, *, storage_options: Mapping[str, Any] | None = None
+    classifier: WorkflowModel, artifact: Artifact, url: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> AdapterInfo:
     """Write the classifier's adapter state, head and metadata to ``url``."""
     head = {f"head.{k}": v.detach().contiguous() for k, v in classifier.head.state_dict().items()}
@@ -168,7 +168,7 @@ def load_artifact(
     device: str | torch.device = "cpu",
     storage_options: Mapping[str, Any] | None = None,
     trust_file: bool = False,
-) -> tuple[nn.Module, Artifact]:
+) -> tuple[WorkflowModel, Artifact]:
     """Rebuild the model an artifact describes, with its tensors, in eval mode: a fresh
     backbone built for the run's objective, ``adapterkit.load`` of the file onto it, then
     the head.

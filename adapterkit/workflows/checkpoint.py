@@ -22,7 +22,7 @@ from ..errors import AdapterkitError
 from ..storage import inspect, load_tensors, save_tensors
 from ..storage.errors import printable
 from ..storage.format import MAX_JSON_DEPTH, loads_bounded
-from ..zoo import Classifier
+from ..zoo import WorkflowModel
 from .config import without_secrets
 from .models import load_trainable_state, trainable_state
 
@@ -41,7 +41,7 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(
     url: str,
-    classifier: Classifier,
+    classifier: WorkflowModel,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     *,
@@ -72,7 +72,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     url: str,
-    classifier: Classifier,
+    classifier: WorkflowModel,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     *,

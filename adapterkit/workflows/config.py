@@ -97,8 +97,9 @@ class ModelConfig:
 
     @objective.validator
     def _check_objective(self, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+        named = isinstance(value, Mapping) and isinstance(value.get("name"), str)
         _check(
-            (isinstance(value, str) and bool(value)) or (isinstance(value, Mapping) and isinstance(value.get("name"), str)),
+            (isinstance(value, str) and bool(value)) or named,
             f"config key 'model.objective' must be a name or a table with a name (e.g. \"causal-lm\"), got {value!r}",
         )
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import attrs
 import numpy as np
-import torch
-from torch import Tensor
 
 from ..errors import AdapterkitError
 from ..objectives import Classification, Encoded

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..objectives import Classification, Decoding, Encoded, Objective, Predictions
+from ..zoo import WorkflowModel
 
 METRICS = ("accuracy", "macro_f1", "exact_match", "perplexity")
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact", "perplexity": "perplexity"}
@@ -57,7 +58,7 @@ def macro_f1(y_true: Tensor, y_pred: Tensor) -> float:
 
 
 @torch.no_grad()
-def predict(classifier: torch.nn.Module, data: Encoded, batch_size: int, routed: bool) -> Tensor:
+def predict(classifier: WorkflowModel, data: Encoded, batch_size: int, routed: bool) -> Tensor:
     """Class predictions of a classifier, in eval mode, with task ids routed when it needs them."""
     predicted = Classification().predict(classifier, data, batch_size, routed, Decoding()).predicted
     assert predicted is not None
@@ -97,7 +98,7 @@ def _row(name: str, p: Predictions, mask: Tensor) -> Row:
 
 
 def evaluate(
-    model: torch.nn.Module, data: Encoded, task_names: Sequence[str], batch_size: int, routed: bool,
+    model: WorkflowModel, data: Encoded, task_names: Sequence[str], batch_size: int, routed: bool,
     objective: Objective | None = None, decoding: Decoding | None = None,
 ) -> list[Row]:
     """Rows of ``model`` on ``data`` under ``objective`` (default: classification)."""

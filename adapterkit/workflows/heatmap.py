@@ -10,11 +10,12 @@ from torch import Tensor
 
 from ..attach import match_target, sites
 from ..errors import AdapterkitError
-from ..zoo import Classifier
+from ..objectives import device_of
+from ..zoo import WorkflowModel
 
 
 @torch.no_grad()
-def routing_table(classifier: Classifier, n_tasks: int, site: str | None = None) -> Tensor:
+def routing_table(classifier: WorkflowModel, n_tasks: int, site: str | None = None) -> Tensor:
     """Eval-mode skill weights ``(tasks, heads, skills)``, averaged over routed sites
     (or over the sites matching the pattern ``site``)."""
     tables = []
@@ -24,7 +25,7 @@ def routing_table(classifier: Classifier, n_tasks: int, site: str | None = None)
         router = s.router
         training = router.training
         router.eval()
-        weights = router(torch.arange(n_tasks, device=classifier.head.weight.device))
+        weights = router(torch.arange(n_tasks, device=device_of(classifier)))
         router.train(training)
         if weights is not None:
             tables.append(weights.float().cpu())

@@ -1,9 +1,10 @@
 """The training loop shared by ``train`` and ``adapt``.
 
 A method is a recipe and a task is an objective: the loop knows neither by name. The
-objective (:class:`~adapterkit.objectives.Objective`) gives the loss of a forward's output. It builds AdamW with the router
-parameter groups (:func:`adapterkit.optim.adamw`, exact for cell-sparse parameters),
-routes task ids when the model has routed sites, reports training progress to samplers
+objective (:class:`~adapterkit.objectives.Objective`) gives the loss of a forward's
+output. The loop builds AdamW with the router parameter groups
+(:func:`adapterkit.optim.adamw`, exact for cell-sparse parameters), routes task ids
+when the model has routed sites, reports training progress to samplers
 (``Sampler.set_progress``), and adds the loss term the config names (``[train] loss``,
 from the ``loss`` registry, e.g. MoSA's ``consistency``). Data order, sampler draws and
 noise derive from ``(seed, step)``, so a resumed run is bit-identical to an uninterrupted one.
@@ -30,6 +31,7 @@ from ..progress import progress
 from ..recipe import build_config
 from ..roles import LossTerm
 from ..training import freeze_norm_statistics
+from ..zoo import WorkflowModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CheckpointConfig, OptimConfig, TrainConfig
 from .data import Encoded, batch_plan
@@ -61,7 +63,7 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
     return adamw(model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr)
 
 
-def merged_copy(classifier: nn.Module, enabled: bool = True) -> tuple[nn.Module, str | None]:
+def merged_copy(classifier: WorkflowModel, enabled: bool = True) -> tuple[WorkflowModel, str | None]:
     """A copy merged with the recipe's merger (the deployed model), or the copy unmerged
     and the reason when the recipe's merger cannot merge this model (or ``enabled`` is off)."""
     copy = shared_copy(classifier)
@@ -74,7 +76,7 @@ def merged_copy(classifier: nn.Module, enabled: bool = True) -> tuple[nn.Module,
     return copy, None
 
 
-def merge_changed(merged: nn.Module, trained: nn.Module) -> bool:
+def merge_changed(merged: WorkflowModel, trained: WorkflowModel) -> bool:
     """Did the merge change the model (an ``identity`` merge leaves the same sites and recipe)?"""
     return recipe_of(merged.body) != recipe_of(trained.body) or bool(folded_sites(merged.body))
 
@@ -94,7 +96,7 @@ class Trainer:
     """Runs optimizer steps over an encoded training set on one or many processes
     (``classifier``: the objective's wrapped model, whatever the objective)."""
 
-    classifier: nn.Module
+    classifier: WorkflowModel
     optim: OptimConfig
     train: TrainConfig
     dist: Dist
@@ -102,7 +104,7 @@ class Trainer:
     progress: bool = True
     checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
     config_dict: dict[str, Any] = attrs.field(factory=dict)
-    on_epoch: Callable[[int, nn.Module], None] | None = None
+    on_epoch: Callable[[int, WorkflowModel], None] | None = None
     storage_options: Mapping[str, Any] | None = None  # fsspec options of the checkpoint URL
     objective: Objective = attrs.field(factory=Classification)
     optimizer: torch.optim.Optimizer = attrs.field(init=False)
@@ -262,11 +264,11 @@ class Trainer:
 def epoch_evaluator(
     test: Encoded, tasks: list[str], batch_size: int, dist: Dist, echo: Echo, history: list[dict[str, Any]],
     merge: bool = True, objective: Objective | None = None, decoding: Decoding | None = None,
-) -> Callable[[int, nn.Module], None]:
+) -> Callable[[int, WorkflowModel], None]:
     """End-of-epoch evaluation on the main rank, with merged weights where the method merges
     (unless ``merge`` is off: ``[output] merge = false``)."""
 
-    def on_epoch(epoch: int, classifier: nn.Module) -> None:
+    def on_epoch(epoch: int, classifier: WorkflowModel) -> None:
         if dist.main:
             evaluated, reason = merged_copy(classifier, merge)
             rows = evaluate(evaluated, test, tasks, batch_size, is_routed(evaluated), objective, decoding)

@@ -26,7 +26,7 @@ from ..errors import AdapterkitError
 from ..objectives import Classification, Objective
 from ..plugins import PluginHost, get_host
 from ..recipe import Recipe, RoleSpec, build_config
-from ..zoo import Backbone, Classifier, Example
+from ..zoo import Backbone, Classifier, Example, WorkflowModel
 from .config import ConfigError, ModelConfig
 
 
@@ -144,7 +144,7 @@ def build_model(
     seed: int,
     probe: Example | None = None,
     host: PluginHost | None = None,
-) -> nn.Module:
+) -> WorkflowModel:
     """Build the body the objective needs, attach the recipe (``None``: not yet, e.g.
     ``adapterkit.load`` will), wrap it (:meth:`~adapterkit.objectives.Objective.wrap`: a new
     head for classification); seeded, so every rank agrees."""
@@ -164,11 +164,11 @@ def build_model(
     return objective.wrap(backbone, body, classes)
 
 
-def is_routed(classifier: nn.Module) -> bool:
+def is_routed(classifier: WorkflowModel) -> bool:
     return any(site.router.needs_task_ids for site in sites(classifier.body).values())
 
 
-def trainable_state(classifier: nn.Module) -> dict[str, Tensor]:
+def trainable_state(classifier: WorkflowModel) -> dict[str, Tensor]:
     """What a run trains and saves: the adapter tensors of the body plus the head."""
     from ..attach import adapter_state_dict
 
@@ -177,7 +177,7 @@ def trainable_state(classifier: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def load_trainable_state(classifier: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+def load_trainable_state(classifier: WorkflowModel, tensors: Mapping[str, Tensor]) -> None:
     """Copy saved tensors into the classifier; names and shapes must match exactly."""
     own = dict(classifier.named_parameters()) | dict(classifier.named_buffers())
     expected = trainable_state(classifier)
@@ -196,6 +196,6 @@ def load_trainable_state(classifier: nn.Module, tensors: Mapping[str, Tensor]) -
             target.copy_(value)
 
 
-def shared_copy(classifier: nn.Module) -> nn.Module:
+def shared_copy(classifier: WorkflowModel) -> WorkflowModel:
     """A deep copy that shares the backbone object (tokenizers are not copied)."""
     return copy.deepcopy(classifier, {id(classifier.backbone): classifier.backbone})

@@ -7,13 +7,13 @@ from typing import Any
 
 import attrs
 import torch
-from torch import nn
 
 from ..attach import state_of
 from ..errors import AdapterkitError
+from ..objectives import Decoding, Objective
 from ..plugins import PluginHost
 from ..wording import plural
-from ..objectives import Decoding, Objective
+from ..zoo import WorkflowModel
 from .artifacts import Artifact, save_artifact
 from .config import WorkflowConfig
 from .data import Corpus
@@ -26,7 +26,7 @@ from .outputs import check_writable
 
 @attrs.frozen
 class TrainResult:
-    classifier: nn.Module  # the objective's model: a Classifier, or a language model wrapper
+    classifier: WorkflowModel  # the objective's model: a Classifier, a language model, ...
     config: WorkflowConfig
     classes: list[str]
     tasks: list[str]
@@ -42,7 +42,7 @@ def decoding(config: WorkflowConfig) -> Decoding:
 
 def prepare(
     config: WorkflowConfig, host: PluginHost | None = None, storage_options: Mapping[str, Any] | None = None
-) -> tuple[WorkflowConfig, Corpus, nn.Module]:
+) -> tuple[WorkflowConfig, Corpus, WorkflowModel]:
     """Load the data and build the objective's model (recipe's router tasks filled from the data)."""
     objective = resolve_objective(config.model, host)
     corpus = Corpus.load(config.data, config.train.seed, host, storage_options, needs_classes=objective.needs_classes)
@@ -199,7 +199,9 @@ def _train(
 
 def _model(config: WorkflowConfig) -> str:
     """The model in a status line: the backbone, or the model folder, and a non-default objective."""
-    name = str(config.model.args.get("path", config.model.backbone)) if config.model.backbone == "hf" else config.model.backbone
+    name = config.model.backbone
+    if name == "hf":
+        name = str(config.model.args.get("path", name))
     objective = config.model.objective_name
     return name if objective == "classification" else f"{name} ({objective})"
 

