@@ -73,7 +73,10 @@ def file_named(config: cfg.WorkflowConfig, *, data: bool) -> list[str]:
     named = []
     if ":" in config.model.backbone:
         named.append(f"the model factory {quoted(config.model.backbone)} (code to import and call)")
-    named += [f"the model argument {quoted(loc)} (a URL or path to open)" for loc in _locations(config.model.args)]
+    args = dict(config.model.args)
+    if isinstance(args.get("path"), str):  # a Hugging Face model folder ([model] path)
+        named.append(f"the model folder {quoted(args.pop('path'))} (a URL or path to open)")
+    named += [f"the model argument {quoted(loc)} (a URL or path to open)" for loc in _locations(args)]
     if data:
         named += [f"the data {quoted(loc)} (a URL or path to open)" for loc in _locations(config.data.args)]
     return named

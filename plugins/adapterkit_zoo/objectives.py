@@ -8,6 +8,10 @@ Evaluation: perplexity of the targets (teacher-forced), and generation (greedy, 
 search with ``[eval] num_beams``) scored by exact match and, when the targets are class
 words, accuracy and macro-F1. Routed recipes get each example's task id around every
 forward and around ``generate``.
+
+The loss is the mean over a batch's target tokens; under DDP each rank averages over its
+own tokens and DDP averages the ranks, which equals the single-process step when the
+ranks hold as many target tokens (class-word targets: nearly so).
 """
 
 from __future__ import annotations

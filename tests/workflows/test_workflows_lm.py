@@ -56,7 +56,7 @@ def _lifecycle(runner: CliRunner, base: str, objective: str, targets: list[str])
         assert row["perplexity"] > 1
 
     # the file names a model folder: nothing is opened without --trust-file
-    cli_fails(runner, ["eval", inventory], "(a URL or path to open)", "--trust-file")
+    cli_fails(runner, ["eval", inventory], "names the model folder", "(a URL or path to open)", "--trust-file")
     evaluated = _ok(runner, ["eval", inventory, "--trust-file", "--json"])["rows"]
     assert evaluated == report["results"]["trained"]  # the saved run, rebuilt from its folder URL
 
@@ -187,3 +187,41 @@ def test_model_folders_are_checked(folders: dict[str, str], mem: str) -> None:
     cfg["model"] = {"backbone": "minilm", "objective": "causal-lm"}
     with pytest.raises(AdapterkitError, match="has no causal-lm model"):
         workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
+
+
+def test_mosa_over_lora_trains_and_merges_a_causal_lm(folders: dict[str, str], mem: str) -> None:
+    """A sparse method needs no routing: MoSA cells over LoRA on the decoder, merged by MoSA
+    into one plain LoRA whose likelihoods are the trained model's in eval mode."""
+    cfg = lm_config(folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8},
+                    output={"adapter": f"{mem}/mosa.safetensors", "merged": f"{mem}/mosa-merged.safetensors"})
+    cfg["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "r": 4},
+                     "splitter": {"name": "mosa", "n_cells": 2, "share": "none"}, "sampler": {"name": "mosa"},
+                     "merger": {"name": "mosa"}}
+    result = workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
+    trained, merged = result.results["trained"][-1], result.results["merged (mosa)"][-1]
+    assert merged.perplexity == pytest.approx(trained.perplexity, rel=1e-4)
+    assert adapterkit.inspect(f"{mem}/mosa-merged.safetensors").recipe.splitter.name == "dense"
+    rows = workflows.evaluate_artifact(f"{mem}/mosa-merged.safetensors", trust_file=True)
+    assert rows[-1].perplexity == pytest.approx(merged.perplexity, rel=1e-5)
+
+
+def test_classification_on_a_model_folder(folders: dict[str, str], mem: str) -> None:
+    """``classification`` on a model folder: the base model (AutoModel, no LM head), mean
+    pooled, plus a new head; the saved run reloads from the folder named in its metadata."""
+    cfg = lm_config(folders["llama"], "classification", ["q_proj"], train={"steps": 3, "batch_size": 8},
+                    output={"adapter": f"{mem}/cls.safetensors"})
+    cfg["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj"], "r": 2}}
+    result = workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
+    assert type(result.classifier.body).__name__ == "LlamaModel"
+    row = result.results["trained"][-1]
+    assert row.exact_match is None and row.perplexity is None and row.accuracy is not None
+    assert workflows.evaluate_artifact(f"{mem}/cls.safetensors", trust_file=True)[-1] == row
+
+
+def test_bad_objectives_are_one_line_errors(runner: CliRunner, mem: str) -> None:
+    for value, expected in (("nope", "unknown objective 'nope'"), ("3", "model.objective")):
+        config = f"{mem}/bad.toml"
+        with fsspec.open(config, "w") as f:
+            f.write(toml(lm_config("m", "causal-lm", ["q"])).replace('objective = "causal-lm"', f"objective = {value}"
+                    if value == "3" else f'objective = "{value}"'))
+        cli_fails(runner, ["train", config], expected)
