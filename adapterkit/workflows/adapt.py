@@ -35,7 +35,6 @@ from .evaluation import METRICS, Row, evaluate
 from .loop import Echo, Trainer
 from .models import is_routed, resolve_objective
 from .outputs import check_writable_prefix
-from .run import decoding
 
 
 @attrs.frozen
@@ -119,7 +118,7 @@ def adapt(
         trainer.fit(data)
         rows = evaluate(
             classifier, test, [task], artifact.config.eval.batch_size, is_routed(classifier), objective,
-            decoding(artifact.config),
+            artifact.config.eval.decoding(),
         )
         target = routing = size = None
         if output:

@@ -59,6 +59,7 @@ import attrs
 import tomllib
 
 from ..errors import AdapterkitError, RecipeError
+from ..objectives import Decoding
 from ..recipe import Recipe
 from ..validators import Validator, keyed, non_empty_str, non_negative, non_negative_number, optional, positive
 
@@ -164,6 +165,9 @@ class EvalConfig:
     num_beams: int = attrs.field(default=1, validator=_positive_int)
     """Generative objectives: 1 decodes greedily, more is beam search."""
     max_new_tokens: int = attrs.field(default=16, validator=_positive_int)
+
+    def decoding(self) -> Decoding:
+        return Decoding(self.num_beams, self.max_new_tokens)
 
 
 @attrs.frozen

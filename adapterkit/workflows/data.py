@@ -36,12 +36,13 @@ def resolve_dataset(
     host = host or get_host()
     cls = host.datasets[config.dataset]
     args = dict(config.args)
-    if storage_options and "storage_options" not in args and "storage_options" in _fields(cls):
+    if storage_options and "storage_options" not in args and "storage_options" in config_fields(cls):
         args["storage_options"] = dict(storage_options)
     return cls(build_config(cls, args, f"dataset {config.dataset!r}"))
 
 
-def _fields(cls: type) -> set[str]:
+def config_fields(cls: type) -> set[str]:
+    """The field names of a plugin class's attrs ``Config`` (none without one)."""
     config = getattr(cls, "Config", None)
     return {f.name for f in attrs.fields(config)} if config is not None and attrs.has(config) else set()
 

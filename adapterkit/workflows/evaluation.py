@@ -112,11 +112,13 @@ def table(results: Mapping[str, Sequence[Row]]) -> str:
     columns are those any row has."""
     rows = [row for block in results.values() for row in block]
     columns = [name for name in METRICS if any(getattr(row, name) is not None for row in rows)]
-    lines = [f"{'model':<20} {'task':<14} {'n':>6}" + "".join(f" {LABELS[c]:>10}" for c in columns)]
+    width = {c: max(9, len(LABELS[c])) for c in columns}
+    lines = [f"{'model':<20} {'task':<14} {'n':>6}" + "".join(f" {LABELS[c]:>{width[c]}}" for c in columns)]
     for model, block in results.items():
         for row in block:
             cells = "".join(
-                f" {'-':>10}" if getattr(row, c) is None else f" {getattr(row, c):>10.4f}" for c in columns
+                f" {'-':>{width[c]}}" if getattr(row, c) is None else f" {getattr(row, c):>{width[c]}.4f}"
+                for c in columns
             )
             lines.append(f"{model:<20} {row.task:<14} {row.n:>6}" + cells)
     return "\n".join(lines)

@@ -113,10 +113,8 @@ def evaluate_artifact(
     examples, inventory = evaluation_data(
         artifact, split, tasks, trust_file=trust_file, url=url, storage_options=storage_options, data=data
     )
-    from .run import decoding
-
     objective = resolve_objective(artifact.config.model)
-    decode = decoding(artifact.config)
+    decode = artifact.config.eval.decoding()
     if num_beams is not None:
         decode = attrs.evolve(decode, num_beams=num_beams)
     encoded = objective.encode(classifier.backbone, examples, artifact.classes, inventory)

@@ -28,6 +28,7 @@ from ..plugins import PluginHost, get_host
 from ..recipe import Recipe, RoleSpec, build_config
 from ..zoo import Backbone, Classifier, Example, WorkflowModel
 from .config import ConfigError, ModelConfig
+from .data import config_fields
 
 
 class ModuleBackbone(Backbone):
@@ -81,7 +82,7 @@ def resolve_backbone(
         host = host or get_host()
         cls = host.backbones[config.backbone]
         args = dict(config.args)
-        if storage_options and "storage_options" not in args and "storage_options" in _fields(cls):
+        if storage_options and "storage_options" not in args and "storage_options" in config_fields(cls):
             args["storage_options"] = dict(storage_options)
         return cls(build_config(cls, args, f"backbone {config.backbone!r}"))
     module_name, _, attr = config.backbone.partition(":")
@@ -102,11 +103,6 @@ def resolve_backbone(
     raise ConfigError(
         f"model factory {config.backbone!r} must return a Backbone or an nn.Module, got {type(made).__name__}"
     )
-
-
-def _fields(cls: type) -> set[str]:
-    config = getattr(cls, "Config", None)
-    return {f.name for f in attrs.fields(config)} if config is not None and attrs.has(config) else set()
 
 
 def recipe_for_tasks(recipe: Recipe, n_tasks: int, host: PluginHost | None = None) -> Recipe:

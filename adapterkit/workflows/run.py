@@ -10,7 +10,7 @@ import torch
 
 from ..attach import state_of
 from ..errors import AdapterkitError
-from ..objectives import Decoding, Objective
+from ..objectives import Objective
 from ..plugins import PluginHost
 from ..wording import plural
 from ..zoo import WorkflowModel
@@ -34,10 +34,6 @@ class TrainResult:
     results: dict[str, list[Row]]
     history: list[dict[str, Any]]
     stopped: bool = False
-
-
-def decoding(config: WorkflowConfig) -> Decoding:
-    return Decoding(config.eval.num_beams, config.eval.max_new_tokens)
 
 
 def prepare(
@@ -125,7 +121,7 @@ def _train(
     backbone = classifier.backbone
     train_data = objective.encode(backbone, corpus.train, corpus.classes, corpus.tasks)
     test_data = objective.encode(backbone, corpus.test, corpus.classes, corpus.tasks)
-    decode = decoding(config)
+    decode = config.eval.decoding()
     history: list[dict[str, Any]] = []
     say = echo if dist.main else (lambda _: None)
     summary = state_of(classifier.body).summary
