@@ -92,41 +92,55 @@ def test_seq2seq_lifecycle_through_s3(folders: dict[str, str], s3_bucket: str) -
     runner = CliRunner()
     base = f"{s3_bucket}/t5-run"
     upload(folders["t5"], f"{base}/model")
-    _lifecycle(runner, base, "seq2seq", ["q", "v"])
+    out = _lifecycle(runner, base, "seq2seq", ["q", "v"])
+    _check_against_transformers(out["inventory"], out["trained"])
 
 
 def _check_against_transformers(url: str, trained: dict[str, Any]) -> None:
-    """The reported perplexity is transformers' own causal-LM loss on the target tokens, and
-    batched, left-padded, routed beam search generates what one example at a time does."""
+    """The reported perplexity is transformers' own loss on the target tokens (for seq2seq,
+    transformers builds the decoder inputs from the labels itself); generation over a batch
+    of examples of different tasks (prompts left-padded for a decoder, task ids expanded per
+    beam) is what each example alone generates; greedy decoding of one example is
+    transformers' own ``generate`` with the standard inputs."""
+    from adapterkit.objectives import Decoding
+
     model, artifact = workflows.load_artifact(url, trust_file=True)
     objective = workflows.models.resolve_objective(artifact.config.model)
+    causal = artifact.config.model.objective_name == "causal-lm"
     corpus = workflows.Corpus.load(artifact.config.data, artifact.config.train.seed, needs_classes=False)
-    examples = [e for e in corpus.test if e.task == "apple"]
-    data = objective.encode(model.backbone, examples, corpus.classes, artifact.tasks)
+    apple = [e for e in corpus.test if e.task == "apple"]
+    data = objective.encode(model.backbone, apple, corpus.classes, artifact.tasks)
     tok = model.backbone.tokenizer()
-    for i, example in enumerate(examples[:3]):  # the loss is on the target span (and eos) only
-        kept = data.labels[i][data.labels[i] != -100].tolist()
-        assert tok.decode(kept) == f"{example.target} </s>"
-    task = torch.full((len(examples),), artifact.tasks.index("apple"))
-    with torch.no_grad(), adapterkit.route(model.body, task):
-        loss = model.body(**data.inputs, labels=data.labels).loss
+    for i, example in enumerate(apple[:3]):  # the loss is on the target (and eos) only
+        assert tok.decode(data.labels[i][data.labels[i] != -100].tolist()) == f"{example.target} </s>"
+    inputs = data.inputs if causal else {k: data.inputs[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), adapterkit.route(model.body, data.tasks):
+        loss = model.body(**inputs, labels=data.labels).loss
     assert math.exp(float(loss)) == pytest.approx(trained["apple"]["perplexity"], rel=1e-4)
 
-    from adapterkit_zoo.objectives import beam_task_ids
-
-    part = data.take(torch.arange(4))
-    settings = {"max_new_tokens": 3, "num_beams": 2, "do_sample": False, "pad_token_id": 0, "eos_token_id": 1}
-    with torch.no_grad(), adapterkit.route(model.body, beam_task_ids(task[:4], 2)):
-        batched = model.body.generate(
-            input_ids=part.extra["prompt_ids"], attention_mask=part.extra["prompt_mask"], **settings
-        )[:, part.extra["prompt_ids"].shape[1]:]
-    for i in range(4):
-        mask = part.extra["prompt_mask"][i].bool()
-        with torch.no_grad(), adapterkit.route(model.body, task[:2]):
-            alone = model.body.generate(input_ids=part.extra["prompt_ids"][i][mask][None], **settings)
-        alone = alone[0, int(mask.sum()):]
-        n = min(len(alone), len(batched[i]))
-        assert torch.equal(batched[i][:n], alone[:n]), i
+    # the mechanics, not the (barely) trained weights: skills and routing made to matter
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for site in adapterkit.sites(model.body).values():
+            for name, param in site.named_parameters():
+                if not name.startswith("base."):
+                    param.copy_(torch.randn(param.shape, generator=generator) * (3.0 if "router" in name else 0.5))
+    mixed = [apple[0], *(next(e for e in corpus.test if e.task == t) for t in ("airline", "deflategate")), apple[1]]
+    batch = objective.encode(model.backbone, mixed, corpus.classes, artifact.tasks)
+    assert batch.tasks.tolist() == [artifact.tasks.index(e.task) for e in mixed]
+    with torch.no_grad():
+        together = objective._generate(model, batch, True, Decoding(num_beams=2, max_new_tokens=3))
+        for i, example in enumerate(mixed):
+            one = objective.encode(model.backbone, [example], corpus.classes, artifact.tasks)
+            alone = objective._generate(model, one, True, Decoding(num_beams=2, max_new_tokens=3))[0]
+            assert torch.equal(together[i][: len(alone)], alone), i
+            assert (together[i][len(alone):] == tok.pad_token_id).all(), i
+            greedy = objective._generate(model, one, True, Decoding(num_beams=1, max_new_tokens=3))[0]
+            prompt = one.extra["prompt_ids"] if causal else one.inputs["input_ids"]  # one example: no padding
+            with adapterkit.route(model.body, one.tasks):
+                reference = model.body.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                                eos_token_id=1)[0]
+            assert torch.equal(greedy, reference[prompt.shape[1]:] if causal else reference), i
 
 
 def test_causal_lm_resume_is_bit_identical(folders: dict[str, str], mem: str) -> None:
