@@ -8,8 +8,10 @@ Python::
     workflows.merge_artifact(src_url, dst_url)
     rows = workflows.evaluate_artifact(dst_url)
 
-A saved run is an untrusted file: rebuilding it imports a ``module:factory`` backbone or
-opens a data URL it names only with ``trust_file=True`` (``--trust-file``).
+What a run trains the model to do is its objective (``[model] objective``:
+``classification``, ``causal-lm``, ``seq2seq``; :mod:`adapterkit.objectives`). A saved run
+is an untrusted file: rebuilding it imports a ``module:factory`` backbone or opens a data
+URL or model folder it names only with ``trust_file=True`` (``--trust-file``).
 
 The CLI (``adapterkit train|adapt|merge|eval|heatmap``) wraps these.
 """
