@@ -239,3 +239,27 @@ def test_bad_objectives_are_one_line_errors(runner: CliRunner, mem: str) -> None
             f.write(toml(lm_config("m", "causal-lm", ["q"])).replace('objective = "causal-lm"', f"objective = {value}"
                     if value == "3" else f'objective = "{value}"'))
         cli_fails(runner, ["train", config], expected)
+
+
+def test_two_gloo_ranks_train_a_causal_lm_as_one_process(folders: dict[str, str], tmp_path: Any) -> None:
+    """DDP on a language model: both ranks end identical and match one process on the same
+    global batches. The loss is a mean over target tokens per rank; class-word targets give
+    every example as many tokens (the word and eos), so the ranks' means average to the
+    global mean and the match holds to float32 rounding (as tests/workflows/test_workflows_ddp.py)."""
+    import torch.multiprocessing as mp
+    from wf_helpers import ddp_worker
+
+    from adapterkit.storage import load_tensors
+
+    config = lm_config(folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8})
+    config["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "r": 4}}
+    out = str(tmp_path)
+    mp.spawn(ddp_worker, args=(2, os.path.join(out, "rendezvous"), config, out), nprocs=2, join=True)
+    rank0, rank1 = (load_tensors(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    single = state(workflows.train(workflows.from_dict(config), progress=False, echo=lambda _: None).classifier)
+    initial = state(workflows.run.prepare(workflows.from_dict(config))[2])
+    worst = max(float((rank0[n] - single[n]).abs().max()) for n in single)
+    moved = max(float((initial[n] - single[n]).abs().max()) for n in single)
+    print(f"causal-lm DDP vs single max|diff| {worst:.3g}, moved {moved:.3g}")
+    assert worst <= 1e-5 and moved > 1e-3, (worst, moved)
