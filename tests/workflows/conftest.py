@@ -47,6 +47,17 @@ def s3_bucket(moto_endpoint: str) -> Iterator[str]:
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(scope="session")
+def lm_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Hugging Face model folders of a tiny Llama and a tiny T5 with a word-level tokenizer
+    (built once: see lm_helpers)."""
+    from lm_helpers import llama, t5, tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    tok = tokenizer()
+    return {"llama": llama(str(root / "llama"), tok), "t5": t5(str(root / "t5"), tok)}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
     """One intra-op thread: these tests run small batches, where a second thread buys

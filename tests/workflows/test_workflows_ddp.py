@@ -16,6 +16,7 @@ import os
 
 import torch
 import torch.multiprocessing as mp
+from lm_helpers import lm_config
 from wf_helpers import ddp_worker, mlp_config, state
 
 from adapterkit import workflows
@@ -82,3 +83,24 @@ def test_two_gloo_ranks_with_an_adapter_outside_the_graph(tmp_path: os.PathLike[
     spare = [n for n in rank0 if ".spare." in n]
     assert spare and all(torch.equal(rank0[n], initial[n]) for n in spare)  # never reached, never moved
     assert not torch.equal(rank0["head.weight"], initial["head.weight"])
+
+
+def test_two_gloo_ranks_train_a_causal_lm_as_one_process(
+    lm_folders: dict[str, str], tmp_path: os.PathLike[str]
+) -> None:
+    """DDP on a language model: both ranks end identical and match one process on the same
+    global batches. The loss is a mean over target tokens per rank; class-word targets give
+    every example as many tokens (the word and eos), so the ranks' means average to the
+    global mean and the match holds to float32 rounding (as above)."""
+    config = lm_config(lm_folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8})
+    config["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "r": 4}}
+    out = str(tmp_path)
+    mp.spawn(ddp_worker, args=(2, os.path.join(out, "rendezvous"), config, out), nprocs=2, join=True)
+    rank0, rank1 = (load_tensors(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    single = state(workflows.train(workflows.from_dict(config), progress=False, echo=lambda _: None).classifier)
+    initial = state(workflows.run.prepare(workflows.from_dict(config))[2])
+    worst = max(float((rank0[n] - single[n]).abs().max()) for n in single)
+    moved = max(float((initial[n] - single[n]).abs().max()) for n in single)
+    print(f"causal-lm DDP vs single max|diff| {worst:.3g}, moved {moved:.3g}")
+    assert worst <= TOLERANCE and moved > 100 * TOLERANCE, (worst, moved)

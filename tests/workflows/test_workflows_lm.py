@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 import pytest
 import torch
 from click.testing import CliRunner
-from lm_helpers import DOMAINS, HELD_OUT, llama, lm_config, t5, tokenizer, upload
+from lm_helpers import DOMAINS, HELD_OUT, lm_config, upload
 from wf_helpers import cli_fails, state, toml
 
 import adapterkit
@@ -25,13 +24,6 @@ from adapterkit.cli import cli
 from adapterkit.errors import AdapterkitError
 
 MODES = ["poly", "mhr", "mhr-z", "mhr-mu"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    root = tmp_path_factory.mktemp("lm")
-    tok = tokenizer()
-    yield {"llama": llama(str(root / "llama"), tok), "t5": t5(str(root / "t5"), tok)}
 
 
 def _ok(runner: CliRunner, args: list[str]) -> Any:
@@ -81,17 +73,17 @@ def _lifecycle(runner: CliRunner, base: str, objective: str, targets: list[str])
     return {"inventory": inventory, "trained": trained}
 
 
-def test_causal_lm_lifecycle_through_memory_urls(folders: dict[str, str], mem: str) -> None:
+def test_causal_lm_lifecycle_through_memory_urls(lm_folders: dict[str, str], mem: str) -> None:
     runner = CliRunner()
-    upload(folders["llama"], f"{mem}/model")
+    upload(lm_folders["llama"], f"{mem}/model")
     out = _lifecycle(runner, mem, "causal-lm", ["q_proj", "v_proj"])
     _check_against_transformers(out["inventory"], out["trained"])
 
 
-def test_seq2seq_lifecycle_through_s3(folders: dict[str, str], s3_bucket: str) -> None:
+def test_seq2seq_lifecycle_through_s3(lm_folders: dict[str, str], s3_bucket: str) -> None:
     runner = CliRunner()
     base = f"{s3_bucket}/t5-run"
-    upload(folders["t5"], f"{base}/model")
+    upload(lm_folders["t5"], f"{base}/model")
     out = _lifecycle(runner, base, "seq2seq", ["q", "v"])
     _check_against_transformers(out["inventory"], out["trained"])
 
@@ -143,9 +135,9 @@ def _check_against_transformers(url: str, trained: dict[str, Any]) -> None:
             assert torch.equal(greedy, reference[prompt.shape[1]:] if causal else reference), i
 
 
-def test_causal_lm_resume_is_bit_identical(folders: dict[str, str], mem: str) -> None:
+def test_causal_lm_resume_is_bit_identical(lm_folders: dict[str, str], mem: str) -> None:
     def config(url: str) -> workflows.WorkflowConfig:
-        cfg = lm_config(folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 6, "batch_size": 8},
+        cfg = lm_config(lm_folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 6, "batch_size": 8},
                         checkpoint={"url": url, "every": 2})
         cfg["recipe"]["adapter"]["dropout"] = 0.1  # per-example noise re-derived from (seed, step)
         return workflows.from_dict(cfg)
@@ -163,7 +155,7 @@ def test_causal_lm_resume_is_bit_identical(folders: dict[str, str], mem: str) ->
     assert full.results["trained"][-1] == resumed.results["trained"][-1]
 
 
-def test_free_form_targets_from_your_jsonl(folders: dict[str, str], mem: str) -> None:
+def test_free_form_targets_from_your_jsonl(lm_folders: dict[str, str], mem: str) -> None:
     """The ``files`` dataset with input/target/task columns: targets are free text (no classes),
     so exact match and perplexity are reported, accuracy is not."""
     records = [{"input": f"tweet {word} flight", "target": f"{word} flight", "task": task}
@@ -172,7 +164,7 @@ def test_free_form_targets_from_your_jsonl(folders: dict[str, str], mem: str) ->
         with fsspec.open(f"{mem}/{name}.jsonl", "w") as f:
             f.write("\n".join(json.dumps(r) for r in part))
     data = {"dataset": "files", "train": f"{mem}/train.jsonl", "test": f"{mem}/test.jsonl"}
-    cfg = lm_config(folders["llama"], "causal-lm", ["q_proj"], data=data, train={"steps": 2, "batch_size": 4})
+    cfg = lm_config(lm_folders["llama"], "causal-lm", ["q_proj"], data=data, train={"steps": 2, "batch_size": 4})
     for key in ("instructions", "tasks", "train_per_task", "test_per_task"):
         cfg["data"].pop(key)
     result = workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
@@ -181,7 +173,7 @@ def test_free_form_targets_from_your_jsonl(folders: dict[str, str], mem: str) ->
     assert row.exact_match is not None and row.perplexity is not None and row.n == 4
 
 
-def test_model_folders_are_checked(folders: dict[str, str], mem: str) -> None:
+def test_model_folders_are_checked(lm_folders: dict[str, str], mem: str) -> None:
     from adapterkit_zoo.hf import HFModel
 
     with fsspec.open(f"{mem}/pickled/config.json", "w") as f:
@@ -190,23 +182,23 @@ def test_model_folders_are_checked(folders: dict[str, str], mem: str) -> None:
         f.write(b"\x80\x04not loaded")
     with pytest.raises(AdapterkitError, match="no \\*.safetensors weights"):
         HFModel(HFModel.Config(path=f"{mem}/pickled")).build_for("causal-lm")
-    upload(folders["llama"], f"{mem}/bloated")
+    upload(lm_folders["llama"], f"{mem}/bloated")
     with fsspec.open(f"{mem}/bloated/extra.dat", "wb") as f:
         f.write(bytes(70 * 2**20))
     with pytest.raises(AdapterkitError, match="copy only the model's files"):
         HFModel(HFModel.Config(path=f"{mem}/bloated")).build_for("causal-lm")
     with pytest.raises(AdapterkitError, match="no config.json"):
-        HFModel(HFModel.Config(path=os.path.dirname(folders["llama"]))).build_for("causal-lm")
+        HFModel(HFModel.Config(path=os.path.dirname(lm_folders["llama"]))).build_for("causal-lm")
     cfg = lm_config("x", "causal-lm", ["query"])
     cfg["model"] = {"backbone": "minilm", "objective": "causal-lm"}
     with pytest.raises(AdapterkitError, match="has no causal-lm model"):
         workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
 
 
-def test_mosa_over_lora_trains_and_merges_a_causal_lm(folders: dict[str, str], mem: str) -> None:
+def test_mosa_over_lora_trains_and_merges_a_causal_lm(lm_folders: dict[str, str], mem: str) -> None:
     """A sparse method needs no routing: MoSA cells over LoRA on the decoder, merged by MoSA
     into one plain LoRA whose likelihoods are the trained model's in eval mode."""
-    cfg = lm_config(folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8},
+    cfg = lm_config(lm_folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8},
                     output={"adapter": f"{mem}/mosa.safetensors", "merged": f"{mem}/mosa-merged.safetensors"})
     cfg["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "r": 4},
                      "splitter": {"name": "mosa", "n_cells": 2, "share": "none"}, "sampler": {"name": "mosa"},
@@ -219,10 +211,10 @@ def test_mosa_over_lora_trains_and_merges_a_causal_lm(folders: dict[str, str], m
     assert rows[-1].perplexity == pytest.approx(merged.perplexity, rel=1e-5)
 
 
-def test_classification_on_a_model_folder(folders: dict[str, str], mem: str) -> None:
+def test_classification_on_a_model_folder(lm_folders: dict[str, str], mem: str) -> None:
     """``classification`` on a model folder: the base model (AutoModel, no LM head), mean
     pooled, plus a new head; the saved run reloads from the folder named in its metadata."""
-    cfg = lm_config(folders["llama"], "classification", ["q_proj"], train={"steps": 3, "batch_size": 8},
+    cfg = lm_config(lm_folders["llama"], "classification", ["q_proj"], train={"steps": 3, "batch_size": 8},
                     output={"adapter": f"{mem}/cls.safetensors"})
     cfg["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj"], "r": 2}}
     result = workflows.train(workflows.from_dict(cfg), progress=False, echo=lambda _: None)
@@ -240,26 +232,3 @@ def test_bad_objectives_are_one_line_errors(runner: CliRunner, mem: str) -> None
                     if value == "3" else f'objective = "{value}"'))
         cli_fails(runner, ["train", config], expected)
 
-
-def test_two_gloo_ranks_train_a_causal_lm_as_one_process(folders: dict[str, str], tmp_path: Any) -> None:
-    """DDP on a language model: both ranks end identical and match one process on the same
-    global batches. The loss is a mean over target tokens per rank; class-word targets give
-    every example as many tokens (the word and eos), so the ranks' means average to the
-    global mean and the match holds to float32 rounding (as tests/workflows/test_workflows_ddp.py)."""
-    import torch.multiprocessing as mp
-    from wf_helpers import ddp_worker
-
-    from adapterkit.storage import load_tensors
-
-    config = lm_config(folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 4, "batch_size": 8})
-    config["recipe"] = {"seed": 0, "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "r": 4}}
-    out = str(tmp_path)
-    mp.spawn(ddp_worker, args=(2, os.path.join(out, "rendezvous"), config, out), nprocs=2, join=True)
-    rank0, rank1 = (load_tensors(os.path.join(out, f"rank{r}.safetensors")) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    single = state(workflows.train(workflows.from_dict(config), progress=False, echo=lambda _: None).classifier)
-    initial = state(workflows.run.prepare(workflows.from_dict(config))[2])
-    worst = max(float((rank0[n] - single[n]).abs().max()) for n in single)
-    moved = max(float((initial[n] - single[n]).abs().max()) for n in single)
-    print(f"causal-lm DDP vs single max|diff| {worst:.3g}, moved {moved:.3g}")
-    assert worst <= 1e-5 and moved > 1e-3, (worst, moved)
