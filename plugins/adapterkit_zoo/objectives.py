@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from adapterkit.plugin_api import (
+    AdapterkitError,
     Backbone,
     BodyKind,
     Decoding,
@@ -94,6 +95,8 @@ class TextToText(Objective):
     def _tokens(self, backbone: Backbone, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt token ids (with the tokenizer's special tokens) and target ids + eos."""
         tokenizer = backbone.tokenizer()
+        if tokenizer.eos_token_id is None:
+            raise AdapterkitError("the model's tokenizer has no eos token: text-to-text targets end with it")
         max_length, target_length = _lengths(backbone)
         prompts = tokenizer([e.text or "" for e in examples], truncation=True, max_length=max_length)["input_ids"]
         targets = tokenizer(
@@ -123,7 +126,8 @@ class TextToText(Objective):
         return exact, torch.tensor([index.get(text.lower(), -1) for text in said], dtype=torch.long)
 
     def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        logits, labels = self._aligned(outputs, labels)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
     def _nll(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         per_token = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
@@ -184,9 +188,6 @@ class CausalLM(TextToText):
         }
         inputs = {"input_ids": input_ids, "attention_mask": _padded([[1] * len(s) for s in sequences], 0)}
         return Encoded(inputs, _padded(labels, IGNORE), task_indices(examples, tasks), extra)
-
-    def loss(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        return super().loss(*self._aligned(outputs, labels))
 
     def _aligned(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Position i predicts token i + 1."""
