@@ -276,7 +276,13 @@ def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping
         for n, t in tensors.items()
     )
     if not fast:
-        model.load_state_dict(dict(tensors), strict=False)
+        from ..attach import saved_module_key
+
+        def model_key(key: str) -> str:  # modules_to_save/<module>/<tensor> -> <module>.<tensor>
+            saved = saved_module_key(key)
+            return f"{saved[0]}.{saved[1]}" if saved else key
+
+        model.load_state_dict({model_key(k): v for k, v in tensors.items()}, strict=False)
         return
     for name, source in tensors.items():
         if source.numel():
@@ -375,6 +381,8 @@ def _site_of(key: str, site_names: list[str]) -> str:
     for name in site_names:
         if key.startswith(name + "."):
             return name
+    if key.startswith("modules_to_save/"):  # modules_to_save/<module>/<tensor>
+        return key.rpartition("/")[0]
     return key.rpartition(".")[0]
 
 
