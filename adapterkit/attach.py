@@ -156,8 +156,8 @@ def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: Pl
     for name in names:
         try:
             out[name] = kind_cls(
-                model.get_submodule(name), configs[override_for(recipe, name)], name=name, skills=recipe.skills, splitter=splitter,
-                sampler=sampler, routing=routing, generator=generator,
+                model.get_submodule(name), configs[override_for(recipe, name)], name=name, skills=recipe.skills,
+                splitter=splitter, sampler=sampler, routing=routing, generator=generator,
                 make_router=functools.partial(router_cls, router_cfg, skills=recipe.skills, generator=generator),
             )
         except (ValueError, RecipeError) as exc:
