@@ -61,12 +61,6 @@ def _pattern(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _expect(module: str, what: str, value: Tensor, shape: tuple[int | None, ...]) -> None:
-    if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape, strict=False)):
-        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
-        raise PeftInteropError(f"PEFT tensor {module}.{what} has shape {tuple(value.shape)}; the config implies {want}")
-
-
 class LoRAFormat(PeftFormat):
     """PEFT ``LORA`` <-> the ``lora`` kind (one skill, unsplit)."""
 
@@ -102,8 +96,11 @@ class LoRAFormat(PeftFormat):
                                        "no LoRA layer layout adapterkit reads")
             args = ours(int(_pattern(ranks, module, r0)), float(_pattern(alphas, module, alpha0)))
             a, b = layout.to_ours(tensors[layout.a], tensors[layout.b])
-            _expect(module, layout.a, a, (None, args["r"]))
-            _expect(module, layout.b, b, (args["r"], None))
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != args["r"] or b.shape[0] != args["r"]:
+                raise PeftInteropError(
+                    f"PEFT adapter module {module!r}: {layout.a} {tuple(tensors[layout.a].shape)} and {layout.b} "
+                    f"{tuple(tensors[layout.b].shape)} do not hold rank {args['r']} (the config's r/rank_pattern)"
+                )
             out[f"{module}.projections.A.weight"] = a.unsqueeze(0).contiguous()
             out[f"{module}.projections.B.weight"] = b.unsqueeze(0).contiguous()
             if args != base:
