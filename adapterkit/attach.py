@@ -134,7 +134,7 @@ def override_for(recipe: Recipe, name: str) -> str | None:
 def _kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
     """The kind's config per override pattern (``None``: the recipe's own arguments)."""
     what = f"adapter kind {recipe.kind!r}"
-    configs = {None: build_config(kind_cls, recipe.kind_args, what)}
+    configs: dict[str | None, Any] = {None: build_config(kind_cls, recipe.kind_args, what)}
     for pattern in recipe.overrides:
         configs[pattern] = build_config(kind_cls, recipe.site_args(pattern), f"{what} (overrides {pattern!r})")
     return configs

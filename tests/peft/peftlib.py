@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -9,6 +11,12 @@ import adapterkit
 
 T5_VOCAB = 100
 TOL = 1e-5
+# a PEFT SEQ_CLS LoRA (PEFT adds the head to modules_to_save) with per-module ranks and alphas
+SEQ_CLS: dict[str, Any] = {
+    "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
+    "rank_pattern": {"layer.1.attention.self.query": 8, "layer.3.attention.self.value": 2},
+    "alpha_pattern": {"value": 2, "layer.5.attention.self.query": 16},
+}
 
 
 def minilm_inputs(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -6,22 +6,15 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peftlib import TOL, max_diff, minilm_inputs, output, randomize, randomize_trainable, t5_inputs
+from peftlib import SEQ_CLS, TOL, max_diff, minilm_inputs, output, randomize, randomize_trainable, t5_inputs
 
 import adapterkit
 from adapterkit import PeftInteropError, export_peft, export_peft_tasks, import_peft
 from adapterkit.peft_interop import from_peft, read_peft
-
-SEQ_CLS: dict[str, Any] = {
-    "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"],
-    "rank_pattern": {"layer.1.attention.self.query": 8, "layer.3.attention.self.value": 2},
-    "alpha_pattern": {"value": 2, "layer.5.attention.self.query": 16},
-}
 
 
 def peft_loads(base: torch.nn.Module, folder: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
