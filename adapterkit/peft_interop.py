@@ -104,7 +104,7 @@ def from_peft(
         raise PeftInteropError("the PEFT adapter holds no adapter tensors")
     recipe, ours = fmt.from_peft(config, dict(modules))
     if saved:
-        recipe["adapter"]["modules_to_save"] = sorted({saved_module_key(k)[0] for k in saved})  # type: ignore[index]
+        recipe["adapter"]["modules_to_save"] = sorted({k[len(SAVED_PREFIX):].rpartition("/")[0] for k in saved})
     return Recipe.from_dict(recipe), {**ours, **saved}
 
 

@@ -61,6 +61,15 @@ def _role(default: str) -> Any:
     return attrs.field(factory=lambda: RoleSpec(default))
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise RecipeError("recipe key 'adapter.modules_to_save' must be a list of module name patterns, "
+                          f"got {type(value).__name__}")
+    return tuple(value)
+
+
 def _overrides(value: Mapping[str, Mapping[str, Any]] | None) -> Mapping[str, Mapping[str, Any]]:
     if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
         raise RecipeError("recipe key 'adapter.overrides' must map site patterns to tables of kind arguments")
@@ -84,7 +93,7 @@ class Recipe:
     targets: tuple[str, ...] = attrs.field(converter=_targets)
     kind_args: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
     overrides: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_overrides)
-    modules_to_save: tuple[str, ...] = attrs.field(default=(), converter=_targets)
+    modules_to_save: tuple[str, ...] = attrs.field(default=(), converter=_names)
     skills: int = attrs.field(default=1, validator=keyed(at_most(MAX_SKILLS), RecipeError, "recipe key"))
     splitter: RoleSpec = _role("dense")
     sampler: RoleSpec = _role("all")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
 
 import fsspec
 import pytest
@@ -138,19 +139,35 @@ def test_untrusted_files_with_modules_to_save_fail_in_one_line(tmp_path) -> None
     assert "\n" not in str(info.value) and not adapterkit.is_attached(two)
     assert all(torch.equal(two.state_dict()[k], v) for k, v in before.items())
 
-    # a validly digested file whose recipe saves the whole encoder: refused before attaching
-    crafted = str(tmp_path / "crafted.safetensors")
-    header = adapterkit.inspect(url)
-    recipe = header.recipe.to_dict()  # type: ignore[union-attr]
-    recipe["adapter"]["modules_to_save"] = ["bert"]
-    meta = fsspec_meta(url)
-    meta[KEY_RECIPE] = json.dumps(recipe)
+    # a header declaring a huge module-to-save tensor over the real bytes
+    data = (tmp_path / "three.safetensors").read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    header["modules_to_save/classifier/weight"]["shape"] = [2**40, 32]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    with pytest.raises(adapterkit.StorageError, match=r"tensor 'modules_to_save/classifier/weight': 384 bytes for "
+                                                      r"shape \(1099511627776, 32\)") as info:
+        adapterkit.load(str(tmp_path / "huge.safetensors"), two)
+    assert "\n" not in str(info.value) and not adapterkit.is_attached(two)
+
+
+@pytest.mark.parametrize("change", [{"modules_to_save": ["bert"]}, {"overrides": {"value": {"r": 2**40}}}])
+def test_a_crafted_recipe_with_modules_to_save_or_overrides_is_refused_before_attaching(tmp_path, change) -> None:
+    """A validly digested file whose recipe saves the whole encoder, or gives a site a huge rank."""
+    url, crafted = str(tmp_path / "real.safetensors"), str(tmp_path / "crafted.safetensors")
+    adapterkit.save(trained(classifier(3), steps=1), url)
+    recipe = adapterkit.inspect(url).recipe.to_dict()  # type: ignore[union-attr]
+    recipe["adapter"].update(change)
+    meta = {**fsspec_meta(url), KEY_RECIPE: json.dumps(recipe)}
     _, parts = encode(adapterkit.load_tensors(url), meta, "adapter")
     fs, path = fsspec.core.url_to_fs(crafted)
     fs.pipe(path, b"".join(bytes(p) for p in parts))
+    model = classifier(3)
     with pytest.raises(adapterkit.StorageError, match=r"its recipe would allocate [\d,]+ adapter elements") as info:
-        adapterkit.load(crafted, two)
-    assert "\n" not in str(info.value) and not adapterkit.is_attached(two)
+        adapterkit.load(crafted, model)
+    assert "\n" not in str(info.value) and not adapterkit.is_attached(model)
 
 
 def fsspec_meta(url: str) -> dict[str, str]:

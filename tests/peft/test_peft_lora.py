@@ -57,7 +57,8 @@ def test_seq_cls_adapter_with_head_and_patterns_round_trips(seqcls, tmp_path, rs
 def test_our_lora_with_overrides_and_head_exports(seqcls, tmp_path) -> None:
     recipe = {"adapter": {"kind": "lora", "targets": ["query", "value", "attention.output.dense"], "r": 4,
                           "alpha": 8, "overrides": {"value": {"r": 2, "alpha": 3}, "layer.0.attention.self.query":
-                                                    {"alpha": 1}}, "modules_to_save": ["classifier"]}}
+                                                    {"alpha": 1}},
+                          "modules_to_save": ["classifier", "attention.output.LayerNorm"]}}
     ours = adapterkit.attach(copy.deepcopy(seqcls), recipe).eval()
     randomize_trainable(ours, seed=2)
     inputs = minilm_inputs()
