@@ -51,12 +51,11 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-
 def _format(config: Mapping[str, Any], host: PluginHost) -> tuple[str, PeftFormat]:
     """The config's PEFT type and format after refusing every field it would not reproduce."""
     raw = config.get("peft_type", "")
     peft_type = str(getattr(raw, "value", raw)).upper()  # a PeftType enum in memory, a string in JSON
-    registry = host.registries["peft_format"]
+    registry = host.peft_formats
     if peft_type not in registry:
         raise PeftInteropError(f"PEFT type {config.get('peft_type')!r} is not supported; adapterkit imports "
                                f"{', '.join(sorted(registry)) or 'none (no plugin registers a PEFT format)'}")
@@ -87,7 +86,8 @@ def from_peft(
     """Our recipe and tensors (keys ``<module>.<site key>`` and, for modules to save,
     ``modules_to_save/<module>/<tensor>``) for a PEFT adapter; model-free."""
     peft_type, fmt = _format(config, host or get_host())
-    patterns = [str(p) for p in config.get("modules_to_save") or ()]
+    listed = config.get("modules_to_save") or ()
+    patterns = [listed] if isinstance(listed, str) else [str(p) for p in listed]
     modules: dict[str, dict[str, Tensor]] = defaultdict(dict)
     saved: dict[str, Tensor] = {}
     for key, value in tensors.items():
@@ -121,7 +121,7 @@ def to_peft(model: nn.Module, *, host: PluginHost | None = None) -> tuple[dict[s
     if state_of(model).folded:
         raise PeftInteropError("some updates are folded into base weights, which a PEFT folder cannot carry; "
                                "adapterkit.unmerge(model) first")
-    registry = host.registries["peft_format"]
+    registry = host.peft_formats
     formats = {name: registry[name]() for name in registry}
     owners: set[str] = set()
     for name, site in found.items():

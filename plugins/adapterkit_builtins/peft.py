@@ -27,16 +27,23 @@ def _transposed(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.T, b.T
 
 
+def _matrix_rank(a: Tensor, b: Tensor) -> int | None:
+    """The rank of our ``A [d_in, r]``, ``B [r, d_out]`` (``None``: not such a pair)."""
+    return a.shape[1] if a.dim() == b.dim() == 2 and a.shape[1] == b.shape[0] else None
+
+
 @attrs.frozen
 class Layout:
-    """LoRA factors on one base layer type: PEFT's tensor names and the conversions
-    between PEFT's ``(lora_A, lora_B)`` and ours ``(A [d_in, r], B [r, d_out])`` (one skill)."""
+    """LoRA factors on one base layer type: PEFT's tensor names, the conversions between
+    PEFT's ``(lora_A, lora_B)`` and the kind's one-skill ``(A, B)`` (``[d_in, r]``,
+    ``[r, d_out]`` for a matrix), and the rank such a pair holds."""
 
     a: str
     b: str
     ndim: int  # of PEFT's lora_A (tells layouts with the same names apart on import)
     to_ours: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _transposed
     to_peft: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _transposed
+    rank: Callable[[Tensor, Tensor], int | None] = _matrix_rank
     config: Mapping[str, Any] = attrs.field(factory=dict)  # PEFT config fields the layer implies
 
 
@@ -96,7 +103,7 @@ class LoRAFormat(PeftFormat):
                                        "no LoRA layer layout adapterkit reads")
             args = ours(int(_pattern(ranks, module, r0)), float(_pattern(alphas, module, alpha0)))
             a, b = layout.to_ours(tensors[layout.a], tensors[layout.b])
-            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != args["r"] or b.shape[0] != args["r"]:
+            if layout.rank(a, b) != args["r"]:
                 raise PeftInteropError(
                     f"PEFT adapter module {module!r}: {layout.a} {tuple(tensors[layout.a].shape)} and {layout.b} "
                     f"{tuple(tensors[layout.b].shape)} do not hold rank {args['r']} (the config's r/rank_pattern)"
