@@ -24,6 +24,7 @@ from .wording import plural
 
 log = logging.getLogger("adapterkit")
 STATE_ATTR = "_adapterkit"
+SAVED_PREFIX = "modules_to_save/"  # key namespace of modules_to_save tensors: modules_to_save/<module>/<tensor>
 
 
 @attrs.frozen
@@ -41,13 +42,16 @@ class AttachSummary:
     sites: tuple[SiteSummary, ...]
     trainable: int
     total: int
+    saved: tuple[SiteSummary, ...] = ()  # modules_to_save: trained fully, saved with the adapter
 
     def __str__(self) -> str:
         lines = [f"{'site':<48} {'base':<16} {'trainable':>10}"]
         lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
+        lines += [f"{s.name + ' (saved)':<48} {s.base:<16} {s.trainable:>10,}" for s in self.saved]
         share = 100.0 * self.trainable / max(self.total, 1)
+        saved = f" + {len(self.saved)} modules to save" if self.saved else ""
         lines.append(
-            f"{plural(len(self.sites), 'site')}; "
+            f"{plural(len(self.sites), 'site')}{saved}; "
             f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
         )
         return "\n".join(lines)
@@ -74,6 +78,9 @@ class AttachState:
     undo: list[tuple[dict[str, AdapterSite], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
     n_tasks: int | None = None
     summary: AttachSummary | None = None
+    # modules_to_save by name: a copy of their tensors from before attach (detach and
+    # disabled() put these back, as PEFT's ModulesToSaveWrapper keeps the original module)
+    saved: dict[str, dict[str, Tensor]] = attrs.field(factory=dict)
 
 
 def match_target(name: str, pattern: str) -> bool:
@@ -117,10 +124,27 @@ def _role(host: PluginHost, role: str, recipe: Recipe) -> tuple[type, Any]:
     return cls, build_config(cls, spec.args, f"{role} {spec.name!r}")
 
 
+def override_for(recipe: Recipe, name: str) -> str | None:
+    """The ``overrides`` pattern that matches site ``name`` (``None``: none); two are an error."""
+    matches = [p for p in recipe.overrides if match_target(name, p)]
+    if len(matches) > 1:
+        raise AttachError(name, f"overrides {matches} all match it; at most one may")
+    return matches[0] if matches else None
+
+
+def _kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
+    """The kind's config per override pattern (``None``: the recipe's own arguments)."""
+    what = f"adapter kind {recipe.kind!r}"
+    configs: dict[str | None, Any] = {None: build_config(kind_cls, recipe.kind_args, what)}
+    for pattern in recipe.overrides:
+        configs[pattern] = build_config(kind_cls, recipe.site_args(pattern), f"{what} (overrides {pattern!r})")
+    return configs
+
+
 def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: PluginHost) -> dict[str, AdapterSite]:
     """The recipe's sites for the modules ``names`` of ``model``, without installing them."""
     kind_cls = host.kinds[recipe.kind]
-    kind_config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
+    configs = _kind_configs(kind_cls, recipe)
     splitter_cls, splitter_cfg = _role(host, "splitter", recipe)
     sampler_cls, sampler_cfg = _role(host, "sampler", recipe)
     router_cls, router_cfg = _role(host, "router", recipe)
@@ -133,8 +157,8 @@ def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: Pl
     for name in names:
         try:
             out[name] = kind_cls(
-                model.get_submodule(name), kind_config, name=name, skills=recipe.skills, splitter=splitter,
-                sampler=sampler, routing=routing, generator=generator,
+                model.get_submodule(name), configs[override_for(recipe, name)], name=name, skills=recipe.skills,
+                splitter=splitter, sampler=sampler, routing=routing, generator=generator,
                 make_router=functools.partial(router_cls, router_cfg, skills=recipe.skills, generator=generator),
             )
         except (ValueError, RecipeError) as exc:
@@ -149,15 +173,32 @@ def planned_elements(model: nn.Module, recipe: Recipe, *, host: PluginHost | Non
     make it allocate far beyond the file."""
     host = host or get_host()
     kind_cls = host.kinds[recipe.kind]
-    config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
+    configs = _kind_configs(kind_cls, recipe)
     total = 0
     for name in find_sites(model, recipe.targets):
         try:
-            specs = kind_cls.projection_specs(model.get_submodule(name), config)
+            specs = kind_cls.projection_specs(model.get_submodule(name), configs[override_for(recipe, name)])
         except (ValueError, RecipeError) as exc:
             raise AttachError(name, str(exc)) from None
         total += sum(recipe.skills * math.prod(spec.shape) for spec in specs)
+    for name in find_sites(model, recipe.modules_to_save) if recipe.modules_to_save else ():
+        total += sum(t.numel() for t in model.get_submodule(name).state_dict().values())  # the originals' copy
     return total
+
+
+def _modules_to_save(model: nn.Module, recipe: Recipe, site_names: Sequence[str]) -> list[str]:
+    """The modules ``recipe.modules_to_save`` names (outermost), none holding or inside a site."""
+    if not recipe.modules_to_save:
+        return []
+    found = find_sites(model, recipe.modules_to_save)
+    if not found:
+        raise AttachError(None, f"no module matches modules_to_save {list(recipe.modules_to_save)}")
+    for name in found:
+        clash = next((s for s in site_names if s == name or s.startswith(name + ".") or name.startswith(s + ".")),
+                     None)
+        if clash is not None:
+            raise AttachError(name, f"a module to save cannot hold or sit inside the adapter site {clash!r}")
+    return found
 
 
 def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:
@@ -179,22 +220,30 @@ def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHos
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:6]
         raise AttachError(None, f"no module matches targets {list(recipe.targets)}; module names look like {sample}")
+    unused = [p for p in recipe.overrides if not any(match_target(n, p) for n in names)]
+    if unused:
+        raise AttachError(None, f"overrides pattern {unused[0]!r} matches no site; sites: {_short(names)}")
     new_sites = build_sites(model, recipe, names, host)
+    saved_names = _modules_to_save(model, recipe, names)
 
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     originals = {name: model.get_submodule(name) for name in names}
+    saved = {name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+             for name in saved_names}
     for param in model.parameters():
         param.requires_grad_(False)
+    for name in saved_names:
+        model.get_submodule(name).requires_grad_(True)
     for name, site in new_sites.items():
         for param in site.adapter_parameters():
             param.requires_grad_(True)
         model.set_submodule(name, site)
 
     routing = next(iter(new_sites.values())).routing
-    state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites))
+    state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites), saved=saved)
     state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
-    state.summary = _summarize(model, recipe, new_sites)
+    state.summary = _summarize(model, recipe, new_sites, saved_names)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
 
@@ -222,14 +271,20 @@ def _n_tasks(found: Mapping[str, AdapterSite]) -> int | None:
     return min(counts) if counts else None  # type: ignore[type-var]
 
 
-def _summarize(model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite]) -> AttachSummary:
+def _summarize(
+    model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite], saved: Sequence[str] = ()
+) -> AttachSummary:
     rows = tuple(
         SiteSummary(name, type(site.base).__name__, sum(p.numel() for p in site.parameters() if p.requires_grad))
         for name, site in sites.items()
     )
+    saved_rows = tuple(
+        SiteSummary(name, type(module).__name__, sum(p.numel() for p in module.parameters() if p.requires_grad))
+        for name, module in ((n, model.get_submodule(n)) for n in saved)
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return AttachSummary(recipe, rows, trainable, total)
+    return AttachSummary(recipe, rows, trainable, total, saved_rows)
 
 
 def state_of(model: nn.Module) -> AttachState:
@@ -252,13 +307,44 @@ def sites(model: nn.Module) -> dict[str, AdapterSite]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor (trainable parameters and adapter buffers), not the base model's."""
+    """Every adapter tensor (trainable parameters and adapter buffers), not the base model's,
+    and the tensors of the modules to save (keys ``modules_to_save/<module>/<tensor>``)."""
     out: dict[str, Tensor] = {}
     for name, site in sites(model).items():
         for key, tensor in site.state_dict().items():
             if not key.startswith("base."):
                 out[f"{name}.{key}"] = tensor
+    state = getattr(model, STATE_ATTR, None)
+    for module in state.saved if state is not None else ():
+        for key, tensor in model.get_submodule(module).state_dict().items():
+            out[f"{SAVED_PREFIX}{module}/{key}"] = tensor
     return out
+
+
+def saved_module_key(key: str) -> tuple[str, str] | None:
+    """``(module, tensor)`` of a ``modules_to_save/<module>/<tensor>`` key, else ``None``."""
+    if not key.startswith(SAVED_PREFIX):
+        return None
+    module, _, tensor = key[len(SAVED_PREFIX):].rpartition("/")
+    return module, tensor
+
+
+def saved_modules(model: nn.Module) -> list[str]:
+    """The names of the model's modules to save (trained fully, saved with the adapter)."""
+    state = getattr(model, STATE_ATTR, None)
+    return list(state.saved) if state is not None else []
+
+
+@torch.no_grad()
+def _put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """Copy ``values`` into the modules to save in place; returns what they held before."""
+    before: dict[str, dict[str, Tensor]] = {}
+    for module, tensors in values.items():
+        live = model.get_submodule(module).state_dict()
+        before[module] = {k: v.clone() for k, v in live.items()}
+        for key, tensor in live.items():
+            tensor.copy_(tensors[key])
+    return before
 
 
 @contextlib.contextmanager
@@ -419,6 +505,7 @@ def detach(model: nn.Module) -> nn.Module:
     its ``requires_grad`` from before :func:`attach`. Returns the model."""
     state = state_of(model)
     _unfold(state.folded)
+    _put_saved(model, state.saved)
     for name, original in state.originals.items():
         model.set_submodule(name, original)
     for name, param in model.named_parameters():
@@ -429,7 +516,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare base model inside the block: every site's base module stands in for it.
+    """Run the bare base model inside the block: every site's base module stands in for it
+    and the modules to save hold their original tensors (the trained ones come back after).
 
     Refused when updates were folded into base weights (the bare weights are gone until
     :func:`unmerge` or :func:`detach`)."""
@@ -440,9 +528,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     current = sites(model)
     for name, site in current.items():
         model.set_submodule(name, site.base)
+    trained = _put_saved(model, state.saved)
     try:
         yield model
     finally:
+        _put_saved(model, trained)
         for name, site in current.items():
             model.set_submodule(name, site)
 
@@ -498,32 +588,75 @@ def describe(
     all the ``attached`` sites, else the exact site names. Every site must agree.
     """
     host = host or get_host()
-    described = {_describe_site(site, origin, host) for site in found.values()}
-    if len(described) != 1:
-        raise AdapterkitError(f"the sites no longer share one recipe ({len(described)} variants); "
+    described = [_describe_site(name, site, origin, host) for name, site in found.items()]
+    variants = {text for text, *_ in described}
+    split = _split_args(described, host.kinds[json.loads(next(iter(variants)))["adapter"]["kind"]]) \
+        if len(variants) == 1 else None
+    if split is None:
+        raise AdapterkitError(f"the sites no longer share one recipe ({max(len(variants), 2)} variants); "
                               "a merger must leave every site of the same kind and roles")
-    recipe = Recipe.from_dict(json.loads(described.pop()))
+    kind_args, overrides = split
+    data = json.loads(variants.pop())
+    data["adapter"].update(kind_args)
+    if overrides:
+        data["adapter"]["overrides"] = overrides
+    if origin.modules_to_save:
+        data["adapter"]["modules_to_save"] = list(origin.modules_to_save)
+    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
+    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
+    recipe = Recipe.from_dict(data)
     if attached is not None and set(found) != set(attached):
         recipe = attrs.evolve(recipe, targets=tuple("re:" + re.escape(n) for n in found))
     return recipe
 
 
-def _describe_site(site: AdapterSite, origin: Recipe, host: PluginHost) -> str:
+Described = tuple[str, dict[str, Any], "str | None", dict[str, Any]]
+
+
+def _describe_site(name: str, site: AdapterSite, origin: Recipe, host: PluginHost) -> Described:
+    """The site's recipe without kind arguments (JSON), its kind arguments, the ``overrides``
+    pattern of ``origin`` they are relative to (``None``: the recipe's own), and every field
+    of its kind config."""
     kind = _registered_name(host, "kind", type(site), origin.kind)
-    given = origin.kind_args if kind == origin.kind else {}
+    pattern = override_for(origin, name) if kind == origin.kind else None
+    given = origin.site_args(pattern) if kind == origin.kind else {}
     data: dict[str, Any] = {
         "seed": origin.seed,
-        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills,
-                    **_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}")},
+        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills},
     }
     for role, obj in (("splitter", site.splitter), ("sampler", site.sampler), ("router", site.router)):
         spec = origin.role(role)
-        name = _registered_name(host, role, type(obj), spec.name)
-        given = spec.args if name == spec.name else {}
-        data[role] = {"name": name, **_args(obj.config, host.registries[role][name], given, f"{role} {name!r}")}
-    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
-    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
-    return json.dumps(_plain(data), sort_keys=True)
+        role_name = _registered_name(host, role, type(obj), spec.name)
+        role_given = spec.args if role_name == spec.name else {}
+        data[role] = {"name": role_name, **_args(obj.config, host.registries[role][role_name], role_given,
+                                                 f"{role} {role_name!r}")}
+    args = _plain(_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}"))
+    fields = {f.name: _plain(getattr(site.config, f.name)) for f in attrs.fields(type(site.config))}
+    return json.dumps(_plain(data), sort_keys=True), args, pattern, fields
+
+
+def _split_args(
+    described: Sequence[Described], kind_cls: type
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """The recipe's kind arguments and the ``overrides`` (only the fields in which sites
+    differ from those arguments) of described sites; ``None`` when they disagree."""
+    plain = [args for _, args, pattern, _ in described if pattern is None]
+    if plain:
+        base = plain[0]
+        if any(args != base for args in plain):
+            return None
+    else:  # every site is under an override: the arguments they all share are the base
+        first = described[0][1]
+        base = {k: v for k, v in first.items() if all(d[1].get(k) == v for d in described)}
+    reference = build_config(kind_cls, base, "adapter kind")
+    overrides: dict[str, dict[str, Any]] = {}
+    for _, _, pattern, fields in described:
+        if pattern is None:
+            continue
+        diff = {k: v for k, v in fields.items() if _plain(getattr(reference, k)) != v}
+        if overrides.setdefault(pattern, diff) != diff:
+            return None
+    return base, {p: d for p, d in overrides.items() if d}
 
 
 def _registered_name(host: PluginHost, role: str, cls: type, preferred: str) -> str:

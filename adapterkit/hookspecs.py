@@ -20,6 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from .peft_format import PeftFormat
     from .registry import Registry
     from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
     from .site import AdapterSite
@@ -107,6 +108,17 @@ def adapterkit_register_datasets(registry: Registry[Dataset]) -> None:
 
     :param registry: add :class:`~adapterkit.zoo.Dataset` subclasses by name; the name
         is what workflow configs write in ``[data] dataset``.
+    """
+
+
+@hookspec
+def adapterkit_register_peft_formats(registry: Registry[PeftFormat]) -> None:
+    """Register PEFT adapter formats: how a PEFT ``peft_type`` converts to adapterkit and back
+    (``adapterkit import``/``export --peft``, :func:`adapterkit.import_peft`, :func:`adapterkit.export_peft`).
+
+    :param registry: add :class:`~adapterkit.peft_format.PeftFormat` subclasses by PEFT's
+        ``peft_type`` (e.g. ``"LORA"``, ``"POLY"``); a PEFT folder of that type imports
+        through it and the sites it ``owns`` export through it.
     """
 
 

@@ -25,6 +25,9 @@ here, by job:
   exactly), :func:`truncate` and :func:`factorize` (best rank-n by SVD), :func:`effective_rank`.
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
   :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
+- **PEFT formats** (``adapterkit_register_peft_formats``): :class:`PeftFormat` by
+  ``peft_type``, :class:`PeftInteropError`, :func:`empty` (a PEFT "unused" value); the
+  folder helpers :func:`read_peft`, :func:`from_peft`, :func:`load_converted`.
 - **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
   :class:`Split`; storage helpers :func:`save_tensors`, :func:`load_tensors`,
   :func:`parse_options`.
@@ -38,6 +41,8 @@ from .attach import attach, replace_sites, sites
 from .errors import AdapterkitError, RecipeError
 from .hookspecs import hookimpl
 from .lowrank import concat_factors, effective_rank, factorize, truncate
+from .peft_format import PeftFormat, PeftInteropError, empty
+from .peft_interop import from_peft, load_converted, read_peft
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import (
@@ -80,6 +85,8 @@ __all__ = [
     "LossTerm",
     "Merger",
     "Partition",
+    "PeftFormat",
+    "PeftInteropError",
     "Projection",
     "ProjectionSpec",
     "Recipe",
@@ -95,9 +102,12 @@ __all__ = [
     "batched_linear",
     "concat_factors",
     "effective_rank",
+    "empty",
     "factorize",
     "factory_kwargs",
+    "from_peft",
     "hookimpl",
+    "load_converted",
     "load_tensors",
     "mix_skills",
     "at_most",
@@ -109,6 +119,7 @@ __all__ = [
     "positive",
     "positive_number",
     "probability",
+    "read_peft",
     "replace_sites",
     "save_tensors",
     "sites",

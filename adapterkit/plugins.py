@@ -24,6 +24,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .peft_format import PeftFormat
 from .registry import Registry
 from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
 from .site import AdapterSite
@@ -46,6 +47,7 @@ ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
     "loss": ("adapterkit_register_losses", "loss term", LossTerm),
     "backbone": ("adapterkit_register_backbones", "backbone", Backbone),
     "dataset": ("adapterkit_register_datasets", "dataset", Dataset),
+    "peft_format": ("adapterkit_register_peft_formats", "PEFT format", PeftFormat),
 }
 
 
@@ -145,6 +147,10 @@ class PluginHost:
     @property
     def datasets(self) -> Registry[Dataset]:
         return self.registries["dataset"]
+
+    @property
+    def peft_formats(self) -> Registry[PeftFormat]:
+        return self.registries["peft_format"]
 
     # loading ----------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:

@@ -277,7 +277,13 @@ def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping
         for n, t in tensors.items()
     )
     if not fast:
-        model.load_state_dict(dict(tensors), strict=False)
+        from ..attach import saved_module_key
+
+        def model_key(key: str) -> str:  # modules_to_save/<module>/<tensor> -> <module>.<tensor>
+            saved = saved_module_key(key)
+            return f"{saved[0]}.{saved[1]}" if saved else key
+
+        model.load_state_dict({model_key(k): v for k, v in tensors.items()}, strict=False)
         return
     for name, source in tensors.items():
         if source.numel():
@@ -354,21 +360,27 @@ def _match(
         if target is None:
             if strict:
                 where = site(name)
-                raise StorageError(f"cannot load {url!r}: site {where!r} of the adapter is not in the model "
+                raise StorageError(f"cannot load {url!r}: {_what(where)} of the adapter is not in the model "
                                    f"(tensor {name!r}); model sites: {_short(model_sites)}")
             continue
         if tuple(target.shape) != entry.shape:
             where = site(name)
             raise StorageError(
-                f"cannot load {url!r}: site {where!r}: {name[len(where) + 1:]} has shape {list(entry.shape)} "
+                f"cannot load {url!r}: {_what(where)}: {name[len(where) + 1:]} has shape {list(entry.shape)} "
                 f"in the file but {list(target.shape)} in the model"
             )
         wanted.append(entry)
     missing = [k for k in ours if k not in adapter]
     if strict and missing:
-        raise StorageError(f"cannot load {url!r}: site {site(missing[0])!r} of the model has no tensors in the file "
+        raise StorageError(f"cannot load {url!r}: {_what(site(missing[0]))} of the model has no tensors in the file "
                            f"(missing {missing[0]!r}); file sites: {_short(info.sites)}")
     return wanted
+
+
+def _what(where: str) -> str:
+    """``site 'x'``, or ``module to save 'x'`` for the modules_to_save namespace."""
+    prefix = "modules_to_save/"
+    return f"module to save {where[len(prefix):]!r}" if where.startswith(prefix) else f"site {where!r}"
 
 
 def _site_of(key: str, site_names: list[str]) -> str:
@@ -376,6 +388,8 @@ def _site_of(key: str, site_names: list[str]) -> str:
     for name in site_names:
         if key.startswith(name + "."):
             return name
+    if key.startswith("modules_to_save/"):  # modules_to_save/<module>/<tensor>
+        return key.rpartition("/")[0]
     return key.rpartition(".")[0]
 
 
