@@ -49,7 +49,7 @@ class AttachSummary:
         lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
         lines += [f"{s.name + ' (saved)':<48} {s.base:<16} {s.trainable:>10,}" for s in self.saved]
         share = 100.0 * self.trainable / max(self.total, 1)
-        saved = f" + {len(self.saved)} modules to save" if self.saved else ""
+        saved = f" + {plural(len(self.saved), 'module')} to save" if self.saved else ""
         lines.append(
             f"{plural(len(self.sites), 'site')}{saved}; "
             f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"

@@ -71,6 +71,7 @@ from .validators import (
     positive_number,
     probability,
 )
+from .wording import plural
 from .zoo import Backbone, Dataset, Example, Split
 
 __all__ = [
@@ -116,6 +117,7 @@ __all__ = [
     "one_of",
     "optional",
     "parse_options",
+    "plural",
     "positive",
     "positive_number",
     "probability",

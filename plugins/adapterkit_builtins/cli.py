@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import adapterkit
-from adapterkit.plugin_api import PeftInteropError, from_peft, load_converted, parse_options, read_peft
+from adapterkit.plugin_api import PeftInteropError, from_peft, load_converted, parse_options, plural, read_peft
 
 SAVED_PREFIX = "modules_to_save/"  # adapterkit's key namespace of modules_to_save tensors
 
@@ -77,7 +77,7 @@ json_flag = click.option("--json", "as_json", is_flag=True, help="Print machine-
 @storage_option
 @json_flag
 def import_command(peft_url: str, out_url: str, options: tuple[str, ...], as_json: bool) -> None:
-    """Convert the PEFT adapter folder PEFT_URL (LoRA, Poly/MHR, ...) into an adapterkit
+    """Convert the PEFT adapter folder PEFT_URL (LoRA, Poly/MHR or another registered format) into an adapterkit
     adapter file OUT_URL, with its modules_to_save.
 
     Refuses PEFT fields whose math adapterkit would not reproduce exactly.
@@ -95,8 +95,9 @@ def import_command(peft_url: str, out_url: str, options: tuple[str, ...], as_jso
         click.echo(json.dumps({"source": peft_url, "url": out_url, "adapter": info.to_dict()}, indent=2))
     else:
         saved = len(recipe.modules_to_save)
-        saved_note = f" + {saved} modules to save" if saved else ""
-        click.echo(f"imported {len(info.sites)} sites{saved_note} ({info.method}) from {peft_url} -> {out_url}")
+        saved_note = f" + {plural(saved, 'module')} to save" if saved else ""
+        sites = plural(len(info.sites), "site")
+        click.echo(f"imported {sites}{saved_note} ({info.method}) from {peft_url} -> {out_url}")
 
 
 @click.command("export")
@@ -138,4 +139,4 @@ def export_command(adapter_url: str, peft_url: str, per_task: bool, options: tup
     else:
         kinds = sorted({c["peft_type"] for c in written.values()})
         where = f"{len(written)} folders under {peft_url}" if per_task else peft_url
-        click.echo(f"exported {len(info.sites)} sites as PEFT {', '.join(kinds)} to {where}")
+        click.echo(f"exported {plural(len(info.sites), 'site')} as PEFT {', '.join(kinds)} to {where}")

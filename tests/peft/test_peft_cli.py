@@ -24,7 +24,7 @@ def test_seq_cls_folder_through_the_cli(seqcls, tmp_path) -> None:
     url = str(tmp_path / "imported.safetensors")
     result = runner.invoke(cli, ["import", str(tmp_path / "peft"), url])
     assert result.exit_code == 0, result.output
-    assert "imported 12 sites + 1 modules to save (lora)" in result.output
+    assert "imported 12 sites + 1 module to save (lora)" in result.output
     info = adapterkit.inspect(url)
     assert info.recipe is not None and info.recipe.modules_to_save == ("classifier",) and info.recipe.overrides
     assert {"modules_to_save/classifier/weight", "modules_to_save/classifier/bias"} <= {t.name for t in info.tensors}
