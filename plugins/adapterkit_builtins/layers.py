@@ -125,6 +125,10 @@ class Embedding(Layer):
                            base.sparse)
 
     def delta(self, product: Tensor) -> Tensor:
+        assert isinstance(self.base, nn.Embedding)
+        if self.base.max_norm is not None:
+            raise ValueError("LoRA on an nn.Embedding with max_norm does not fold: the base's rows and A's "
+                             "are renormalised apart")
         return product
 
 
