@@ -30,7 +30,7 @@ from adapterkit.plugin_api import (
 )
 
 from .init import kaiming_down, zeros
-from .layers import hf_conv1d
+from .layers import Conv1D
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
@@ -38,12 +38,11 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 def feature_dims(module: nn.Module) -> tuple[int | None, int | None]:
     """Best-effort ``(d_in, d_out)`` of a module from its first and last sized layer."""
     sized: list[tuple[int, int]] = []
-    conv1d = hf_conv1d()
     for m in module.modules():
         if isinstance(m, nn.Linear):
             sized.append((m.in_features, m.out_features))
-        elif conv1d is not None and isinstance(m, conv1d):  # GPT-2: weight [in, out]
-            sized.append((m.weight.shape[0], m.weight.shape[1]))
+        elif Conv1D.matches(m):  # transformers' (GPT-2): weight [in, out]
+            sized.append(Conv1D(m).dims())
         elif isinstance(m, nn.modules.conv._ConvNd):
             sized.append((m.in_channels, m.out_channels))
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
