@@ -251,3 +251,20 @@ def test_bottleneck_names_the_size_to_set(args: dict[str, Any], unset: str) -> N
     assert str(info.value) == (f"cannot attach: site 'gpt2.h.0.mlp.act': cannot infer the feature sizes of NewGELU"
                                f"Activation (it holds no Linear, Conv1D, convolution or norm layer); set {unset} in "
                                "[adapter]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_layers_compile_without_graph_breaks(dtype: torch.dtype) -> None:
+    import torch._dynamo
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    tokens = nn.Sequential(nn.Embedding(50, 16, padding_idx=0), Conv1D(8, 16))
+    lora = {"kind": "lora", "r": 2, "dropout": 0.1}
+    for model, targets, x in ((tokens, ["0", "1"], torch.randint(0, 50, (2, 5))),
+                              (conv_net(), ["0", "2", "4"], torch.randn(2, 3, 9, 9))):
+        torch._dynamo.reset()
+        attached = adapterkit.attach(model.to(dtype), {"adapter": {**lora, "targets": targets}}).train()
+        explanation = torch._dynamo.explain(attached)(x.to(dtype) if x.is_floating_point() else x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
