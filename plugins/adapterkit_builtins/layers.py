@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -32,13 +33,14 @@ from adapterkit.plugin_api import batched_linear
 class Layer:
     """LoRA on one base layer type: ``base(x) + scale * up(down(x, A), B)``.
 
-    ``routed``: the layer takes per-example weights ``[b, p, r]`` (routing by task) and
-    mixes skills per token (routers on the layer input); ``float_input``: its input is a
-    feature tensor (dropout and casts to the adapter dtype apply), not token ids.
+    ``down``/``up`` take shared weights or per-example ones (``[b, p, r]``, routing by task).
+    ``per_token``: skills can be mixed per token on the layer input (its last axis);
+    ``float_input``: the input is a feature tensor (dropout and casts to the adapter dtype
+    apply), not token ids.
     """
 
     name: ClassVar[str]
-    routed: ClassVar[bool] = True
+    per_token: ClassVar[bool] = True
     float_input: ClassVar[bool] = True
 
     def __init__(self, base: nn.Module) -> None:
@@ -107,7 +109,7 @@ class Embedding(Layer):
     ``padding_idx``, ``max_norm`` and friends applied to ``A``'s rows; no dropout."""
 
     name = "nn.Embedding"
-    routed = False
+    per_token = False
     float_input = False
 
     @staticmethod
@@ -121,8 +123,14 @@ class Embedding(Layer):
     def down(self, x: Tensor, a: Tensor) -> Tensor:
         base = self.base
         assert isinstance(base, nn.Embedding)
-        return F.embedding(x, a, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                           base.sparse)
+        if a.dim() == 2:
+            return F.embedding(x, a, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                               base.sparse)
+        rows = torch.arange(a.shape[0], device=x.device).view(-1, *(1,) * (x.dim() - 1))
+        hidden = a[rows, x]  # example i reads its own A_i's rows
+        if base.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            hidden = torch.where((x == base.padding_idx).unsqueeze(-1), hidden.detach(), hidden)
+        return hidden
 
     def delta(self, product: Tensor) -> Tensor:
         assert isinstance(self.base, nn.Embedding)
@@ -137,7 +145,7 @@ class Conv2d(Layer):
     and dilation, ``B`` a 1x1 conv ``r -> out``; ``A``'s rows run over ``(in, kh, kw)``."""
 
     name = "nn.Conv2d"
-    routed = False
+    per_token = False
 
     @staticmethod
     def matches(base: nn.Module) -> bool:
@@ -156,11 +164,19 @@ class Conv2d(Layer):
     def down(self, x: Tensor, a: Tensor) -> Tensor:
         base = self.base
         assert isinstance(base, nn.Conv2d)
-        kernel = a.T.reshape(a.shape[1], base.in_channels, *base.kernel_size)
-        return F.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
+        r = a.shape[-1]
+        if a.dim() == 2:
+            kernel = a.T.reshape(r, base.in_channels, *base.kernel_size)
+            return F.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
+        # per-example kernels: one grouped conv, the examples stacked as groups
+        batch = a.shape[0]
+        kernel = a.transpose(1, 2).reshape(batch * r, base.in_channels, *base.kernel_size)
+        hidden = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernel, None, base.stride, base.padding, base.dilation,
+                          groups=batch)
+        return hidden.view(batch, r, *hidden.shape[2:])
 
     def up(self, hidden: Tensor, b: Tensor, add_to: Tensor | None = None) -> Tensor:
-        out = F.conv2d(hidden, b.T[..., None, None])
+        out = F.conv2d(hidden, b.T[..., None, None]) if b.dim() == 2 else torch.einsum("brhw,brq->bqhw", hidden, b)
         return out if add_to is None else add_to + out
 
     def delta(self, product: Tensor) -> Tensor:

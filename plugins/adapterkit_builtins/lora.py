@@ -24,9 +24,8 @@ class LoRA(AdapterSite):
     ``ΔW`` and the PEFT tensors it matches (``A = lora_A.flatten(1).T``, ``B = lora_B.flatten(1).T``).
     ``scale = alpha / r``: ``alpha`` defaults to ``r`` (scale 1); Poly/MHR use ``alpha = 1``
     (scale exactly ``1/r``). ``dtype``: ``"float32"`` (default) keeps ``A``/``B`` in float32
-    over a float16/bfloat16 base, ``"base"`` matches the base. Routing by task or per token
-    needs a linear layer (``nn.Linear``, ``Conv1D``); an embedding or convolution takes
-    one skill (or skills mixed the same for the whole batch).
+    over a float16/bfloat16 base, ``"base"`` matches the base. Every layer routes by task;
+    mixing skills per token (routers on the layer input) needs ``nn.Linear`` or ``Conv1D``.
     """
 
     kind = "lora"
@@ -45,9 +44,9 @@ class LoRA(AdapterSite):
     def __init__(self, base: nn.Module, config: Any, **kwargs: Any) -> None:
         super().__init__(base, config, **kwargs)
         self.layer: Layer = layer_of(base)
-        if self.router.needs_task_ids and not self.layer.routed:
-            raise ValueError(f"LoRA on {self.layer.name} takes no routing by task (router "
-                             f"{type(self.router).__name__}); route LoRA on nn.Linear or Conv1D layers")
+        if self.router.needs_task_ids and getattr(base, "max_norm", None) is not None:
+            raise ValueError(f"LoRA on an nn.Embedding with max_norm takes no routing by task (router "
+                             f"{type(self.router).__name__}): its rows are renormalised in place")
         self.dropout = nn.Dropout(self.config.dropout) if self.config.dropout else nn.Identity()
         self.scale = self.config.scale
 
@@ -65,7 +64,7 @@ class LoRA(AdapterSite):
 
     def input_features(self) -> int | None:
         layer = layer_of(self.base)  # (called while the site is built)
-        return layer.dims()[0] if layer.routed else None  # per-token output mixing (_token_routed)
+        return layer.dims()[0] if layer.per_token else None  # per-token output mixing (_token_routed)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:

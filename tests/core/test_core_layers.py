@@ -172,10 +172,9 @@ def test_embedding_and_conv_loras_train(case: str) -> None:
 @pytest.mark.parametrize(("layer", "args", "message"), [
     (nn.Conv2d(4, 4, 3, groups=2), {}, "LoRA on nn.Conv2d needs groups=1, got groups=2"),
     (nn.Conv2d(4, 4, 3, padding_mode="reflect"), {}, "LoRA on nn.Conv2d needs padding_mode='zeros', got 'reflect'"),
-    (nn.Embedding(10, 4), {"skills": 2, "router": "poly"},
-     "LoRA on nn.Embedding takes no routing by task (router PolyRouter); route LoRA on nn.Linear or Conv1D layers"),
-    (nn.Conv2d(4, 4, 3), {"skills": 2, "router": "private"},
-     "LoRA on nn.Conv2d takes no routing by task (router PrivateRouter); route LoRA on nn.Linear or Conv1D layers"),
+    (nn.Embedding(10, 4, max_norm=1.0), {"skills": 2, "router": "poly"},
+     "LoRA on an nn.Embedding with max_norm takes no routing by task (router PolyRouter): its rows are "
+     "renormalised in place"),
 ])
 def test_layers_lora_refuses_say_why(layer: nn.Module, args: dict[str, Any], message: str) -> None:
     recipe: dict[str, Any] = {"adapter": {"kind": "lora", "targets": ["0"], "skills": args.get("skills", 1)}}
