@@ -420,7 +420,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
 def _install_folds(model: nn.Module, state: AttachState, folds: Mapping[str, tuple[AdapterSite, Tensor]]) -> None:
     for site_name, (plain, delta) in folds.items():
         weight = _base_weight(plain)
-        weight += delta.to(weight.dtype)
+        weight.copy_(weight + delta)  # summed in the wider dtype (a float32 delta on a bf16 base), rounded once
         model.set_submodule(site_name, plain.base)
         state.folded[site_name] = plain
 
@@ -480,7 +480,7 @@ def _plain(value: Any) -> Any:
 def _unfold(folded: Mapping[str, AdapterSite]) -> None:
     for plain in folded.values():
         weight = _base_weight(plain)
-        weight -= plain.delta_weight().to(weight.dtype)
+        weight.copy_(weight - plain.delta_weight())
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -21,6 +21,8 @@ here, by job:
   ``site.delta_weight()`` (kinds that are linear in their input implement it).
 - **Model helpers**: :func:`sites`, :func:`replace_sites` (adaptation modes),
   :func:`mix_skills`, :func:`batched_linear`, :func:`factory_kwargs`.
+- **Adapter precision**: a kind whose ``Config`` has ``dtype`` (one of :data:`ADAPTER_DTYPES`:
+  ``"float32"``, ``"base"``) gets float32 adapters over a float16/bfloat16 base by default.
 - **Low-rank factors** (mergers): :func:`concat_factors` (a weighted sum of LoRA updates,
   exactly), :func:`truncate` and :func:`factorize` (best rank-n by SVD), :func:`effective_rank`.
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
@@ -59,7 +61,7 @@ from .roles import (
     SingleSkill,
     Splitter,
 )
-from .site import AdapterSite, batched_linear, factory_kwargs, mix_skills
+from .site import ADAPTER_DTYPES, AdapterSite, batched_linear, factory_kwargs, mix_skills
 from .storage import load_tensors, parse_options, save_tensors
 from .validators import (
     at_most,
@@ -75,6 +77,7 @@ from .wording import plural
 from .zoo import Backbone, Dataset, Example, Split
 
 __all__ = [
+    "ADAPTER_DTYPES",
     "AdaptMode",
     "AdapterSite",
     "AdapterkitError",

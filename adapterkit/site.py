@@ -78,6 +78,12 @@ class AdapterSite(Configurable, nn.Module):
     module and raising ``ValueError`` with a reason when it does not fit) and
     ``forward``. Parameters in :attr:`projections` and the router train; ``base`` is
     frozen by ``attach``.
+
+    Adapter tensors live on the base's device, in the base's dtype unless the kind's
+    ``Config`` has a ``dtype`` field (see :func:`factory_kwargs`): ``"float32"`` keeps them
+    in float32 over a float16/bfloat16 base (PEFT's default), ``"base"`` matches the base.
+    Such a kind's ``forward`` runs its path in the adapter dtype and adds the update to the
+    base output cast to the output's dtype.
     """
 
     kind: ClassVar[str] = ""
@@ -104,7 +110,7 @@ class AdapterSite(Configurable, nn.Module):
         self.sampler = sampler
         self.routing = routing
         self.projections = nn.ModuleDict()
-        factory = factory_kwargs(base)
+        factory = factory_kwargs(base, getattr(self.config, "dtype", "base"))
         for spec in self.projection_specs(base, self.config):
             partition = splitter.split(spec, skills, generator)
             sampler.check(partition)
@@ -120,8 +126,9 @@ class AdapterSite(Configurable, nn.Module):
         if self.router.needs_inputs:  # per-token routing on the layer input (Router.needs_inputs)
             features = self.input_features()
             if features is None:
-                raise ValueError(f"router {type(self.router).__name__} routes each token on the layer input; "
-                                 f"kind {self.kind!r} cannot mix its skills per token (use a LoRA)")
+                raise ValueError(f"router {type(self.router).__name__} routes each token on the layer input; kind "
+                                 f"{self.kind!r} cannot mix its skills per token on {type(base).__name__} "
+                                 "(use a LoRA on nn.Linear or Conv1D)")
             self.router.setup_inputs(features)
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
@@ -278,9 +285,16 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def factory_kwargs(base: nn.Module) -> dict[str, Any]:
-    """``device``/``dtype`` of the first floating parameter of ``base``, for new adapter tensors."""
+ADAPTER_DTYPES = ("float32", "base")
+"""Values of a kind's ``Config.dtype`` (see :func:`factory_kwargs`)."""
+
+
+def factory_kwargs(base: nn.Module, dtype: str = "base") -> dict[str, Any]:
+    """``device``/``dtype`` for new adapter tensors: those of the first floating parameter of
+    ``base``; with ``dtype="float32"`` a float16/bfloat16 base gets float32 adapters (as PEFT
+    keeps them: updates and their gradients stay in full precision)."""
     for p in base.parameters():
         if p.is_floating_point():
-            return {"device": p.device, "dtype": p.dtype}
+            low = p.dtype in (torch.float16, torch.bfloat16)
+            return {"device": p.device, "dtype": torch.float32 if dtype == "float32" and low else p.dtype}
     return {}
