@@ -23,8 +23,18 @@ from torch import Tensor, nn
 from adapterkit.plugin_api import AdapterSite, PeftFormat, PeftInteropError, SingleSkill
 
 
-def _transposed(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def _transposed(a: Tensor, b: Tensor, base: nn.Module | None = None) -> tuple[Tensor, Tensor]:
     return a.T, b.T
+
+
+def _conv_to_ours(a: Tensor, b: Tensor, base: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    return a.flatten(1).T, b.flatten(1).T  # [r, in, kh, kw] -> [in*kh*kw, r]; [out, r, 1, 1] -> [r, out]
+
+
+def _conv_to_peft(a: Tensor, b: Tensor, base: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    assert isinstance(base, nn.Conv2d)
+    r = a.shape[1]
+    return a.T.reshape(r, base.in_channels, *base.kernel_size), b.T.reshape(base.out_channels, r, 1, 1)
 
 
 def _matrix_rank(a: Tensor, b: Tensor) -> int | None:
@@ -42,7 +52,7 @@ class Layout:
     b: str
     ndim: int  # of PEFT's lora_A (tells layouts with the same names apart on import)
     to_ours: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _transposed
-    to_peft: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] = _transposed
+    to_peft: Callable[[Tensor, Tensor, nn.Module], tuple[Tensor, Tensor]] = _transposed  # (a, b, base layer)
     rank: Callable[[Tensor, Tensor], int | None] = _matrix_rank
     config: Mapping[str, Any] = attrs.field(factory=dict)  # PEFT config fields the layer implies
 
@@ -50,6 +60,10 @@ class Layout:
 # by base layer class name (a subclass finds its parent's); the first that fits wins on import
 LAYOUTS: dict[str, Layout] = {
     "Linear": Layout("lora_A.weight", "lora_B.weight", 2),
+    # transformers' Conv1D (GPT-2) stores weight [in, out]; PEFT's factors are Linear's, flagged fan_in_fan_out
+    "Conv1D": Layout("lora_A.weight", "lora_B.weight", 2, config={"fan_in_fan_out": True}),
+    "Embedding": Layout("lora_embedding_A", "lora_embedding_B", 2),
+    "Conv2d": Layout("lora_A.weight", "lora_B.weight", 4, to_ours=_conv_to_ours, to_peft=_conv_to_peft),
 }
 
 
@@ -125,28 +139,26 @@ class LoRAFormat(PeftFormat):
     def to_peft(self, found: Mapping[str, AdapterSite]) -> tuple[dict[str, Any], dict[str, Tensor]]:
         tensors: dict[str, Tensor] = {}
         shapes: dict[str, tuple[int, float]] = {}
-        dropouts, layer_configs = set(), set()
+        dropouts: set[float] = set()
+        layer_config: dict[str, Any] = {}
         for name, site in found.items():
             layout = layout_of(site.base)
             if layout is None:
                 raise PeftInteropError(f"site {name!r}: LoRA on {type(site.base).__name__} has no PEFT layout")
             a, b = (site.projections[p].get_parameter("weight").detach() for p in ("A", "B"))
-            tensors[f"{name}.{layout.a}"], tensors[f"{name}.{layout.b}"] = layout.to_peft(a[0], b[0])
+            tensors[f"{name}.{layout.a}"], tensors[f"{name}.{layout.b}"] = layout.to_peft(a[0], b[0], site.base)
             cfg = site.config
             shapes[name] = (cfg.r, float(cfg.alpha if cfg.alpha is not None else cfg.r))
             dropouts.add(float(cfg.dropout))
-            layer_configs.add(tuple(sorted(layout.config.items())))
+            layer_config.update(layout.config)  # (PEFT sets fan_in_fan_out right per layer type itself)
         if len(dropouts) > 1:
             raise PeftInteropError(f"PEFT LoRA has one lora_dropout for every module; the sites use {sorted(dropouts)}")
-        if len(layer_configs) > 1:
-            raise PeftInteropError("PEFT LoRA needs one layer layout for every module (e.g. fan_in_fan_out); "
-                                   "export the layer types separately")
         r0, alpha0 = Counter(shapes.values()).most_common(1)[0][0]  # the commonest; the others as patterns
         config = {
             "r": r0, "lora_alpha": alpha0, "lora_dropout": dropouts.pop(), "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "rank_pattern": {re.escape(n): r for n, (r, _) in shapes.items() if r != r0},
             "alpha_pattern": {re.escape(n): alpha for n, (_, alpha) in shapes.items() if alpha != alpha0},
-            **dict(layer_configs.pop()),
+            **layer_config,
         }
         return config, tensors

@@ -119,6 +119,34 @@ def test_lora_matches_peft_and_folds(case: str) -> None:
         torch.testing.assert_close(ours(x), expected, **PARITY)
 
 
+FOLDER_CASES = {**CASES, "gpt2": (GPT2Out, ["c_attn", "c_fc", "wte"], token_ids(100), "Conv1D+Embedding")}
+
+
+@pytest.mark.parametrize("case", ["conv1d", "wte", "conv2d", "gpt2"])
+def test_peft_folders_of_every_layer_round_trip(case: str, tmp_path: Any) -> None:
+    """A PEFT folder (save_pretrained) imports with PEFT's outputs; ours exports to a folder
+    that PeftModel.from_pretrained loads with the same outputs (fan_in_fan_out for Conv1D)."""
+    from peft import PeftModel
+
+    make, targets, inputs, _ = FOLDER_CASES[case]
+    base = make()
+    peft_model = peft_lora(base, targets)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    x = inputs(torch.Generator().manual_seed(2))
+    ours = adapterkit.import_peft(copy.deepcopy(base), str(tmp_path / "peft"))
+    with torch.no_grad():
+        expected = peft_model(x)
+        assert max_diff(expected, base(x)) > 0.1
+        torch.testing.assert_close(ours.eval()(x), expected, **PARITY)
+    config = adapterkit.export_peft(ours, str(tmp_path / "ours"))
+    assert config["fan_in_fan_out"] is (case in ("conv1d", "gpt2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PEFT's note that it set fan_in_fan_out per layer type)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, **PARITY)
+
+
 def test_embedding_max_norm_matches_peft_and_does_not_fold() -> None:
     base = embedder(max_norm=1.5)
     peft_model = peft_lora(base, ["0"])
