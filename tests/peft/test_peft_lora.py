@@ -162,7 +162,7 @@ def test_peft_folder_errors(tmp_path) -> None:
     with pytest.raises(PeftInteropError, match="IA3"):
         from_peft({"peft_type": "IA3"}, {})
     with pytest.raises(PeftInteropError, match="unexpected tensor"):
-        from_peft({"peft_type": "LORA", "r": 4}, {"base_model.model.q.lora_embedding_A": torch.zeros(4, 4)})
+        from_peft({"peft_type": "LORA", "r": 4}, {"base_model.model.q.lora_magnitude_vector": torch.zeros(4)})
     with pytest.raises(PeftInteropError, match="not a valid regular expression"):
         from_peft({"peft_type": "LORA", "r": 4, "rank_pattern": {"(": 2}},
                   {"base_model.model.q.lora_A.weight": torch.zeros(4, 8),
