@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
 import re
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -192,6 +194,8 @@ def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHos
     state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites))
     state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
+    if any(site.router.needs_task_ids for site in new_sites.values()):
+        _install_keyword(model)
     state.summary = _summarize(model, recipe, new_sites)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
@@ -231,7 +235,7 @@ def _summarize(model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite]) 
 
 
 def state_of(model: nn.Module) -> AttachState:
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None:
         raise AdapterkitError("model has no adapters attached; call adapterkit.attach(model, recipe) first")
     return state  # type: ignore[no-any-return]
@@ -246,11 +250,13 @@ def summary(model: nn.Module) -> AttachSummary:
 
 def sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The adapted sites of a model by module name."""
+    model = unwrap(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterSite)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor (trainable parameters and adapter buffers), not the base model's."""
+    model = unwrap(model)
     out: dict[str, Tensor] = {}
     for name, site in sites(model).items():
         for key, tensor in site.state_dict().items():
@@ -259,13 +265,27 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-@contextlib.contextmanager
-def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
-    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The attached model inside training and compile wrappers: ``.module`` (DDP,
+    DataParallel, accelerate's and DeepSpeed's engines) and ``._orig_mod``
+    (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
+    when none does. Every public call that takes a model goes through it."""
+    inner = model
+    while not hasattr(inner, STATE_ATTR):
+        wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
+        if wrapped is None:
+            return model
+        inner = wrapped
+    return inner
 
-    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
-    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly.
-    """
+
+WRAPPER_ATTRS = ("_orig_mod", "module")
+
+
+def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Tensor:
+    """``task_ids`` as a 1-D long tensor on the model's device, validated (integer dtype,
+    range). Eager, the range check reads the ids (one host sync, here and not in the
+    sites); inside a compiled region it is a device-side assert, so no graph breaks."""
     state = state_of(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.as_tensor(task_ids, device=device)
@@ -274,15 +294,93 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise RoutingError(f"task ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     ids = ids.long()
-    if state.n_tasks is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.n_tasks):
-        bad = sorted({i for i in ids.tolist() if not 0 <= i < state.n_tasks})
-        raise RoutingError(f"task ids must lie in [0, {state.n_tasks}); out of range: {bad[:8]}")
-    previous = state.routing.task_ids
-    state.routing.task_ids = ids
+    n = state.n_tasks
+    if n is None or not ids.numel():
+        return ids
+    if torch.compiler.is_compiling():
+        torch._assert_async(((ids >= 0) & (ids < n)).all(), f"task ids must lie in [0, {n})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= n:
+        bad = sorted({i for i in ids.tolist() if not 0 <= i < n})
+        raise RoutingError(f"task ids must lie in [0, {n}); out of range: {bad[:8]}")
+    return ids
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
+    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+
+    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
+    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly. A routed model
+    also takes them as a forward keyword, ``model(**batch, task_ids=ids)``, and
+    ``model.generate(..., task_ids=ids)`` repeats them for beams and returned sequences.
+    """
+    model = unwrap(model)
+    ids = checked_task_ids(model, task_ids)
+    routing = state_of(model).routing
+    previous = routing.task_ids
+    routing.task_ids = ids
     try:
         yield ids
     finally:
-        state.routing.task_ids = previous
+        routing.task_ids = previous
+
+
+# --- the task_ids keyword: instance-level forward and generate of a routed model ---------
+
+
+@functools.cache
+def _keyword_forward(cls: type) -> Any:
+    """A ``forward`` for instances of ``cls`` that also takes ``task_ids=``; its signature is
+    the class's plus that keyword, so tools that read it (Trainer's column filter,
+    ``generate``'s argument check) see the keyword."""
+    original = cls.forward
+
+    def forward(self: nn.Module, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        if task_ids is None:
+            return original(self, *args, **kwargs)
+        routing = state_of(self).routing
+        previous = routing.task_ids
+        routing.task_ids = checked_task_ids(self, task_ids)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            routing.task_ids = previous
+
+    signature = inspect.signature(original)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    forward.__signature__ = signature.replace(parameters=[*params[:at], keyword, *params[at:]])  # type: ignore[attr-defined]
+    forward.__doc__ = original.__doc__
+    return forward
+
+
+def _routed_generate(self: nn.Module, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+    """``generate`` with ``task_ids=`` (or inside ``route``): the ids stay routed for the whole
+    call (the encoder sees the batch as given) and are repeated for each example's beams
+    and returned sequences (``RoutingState.repeat``)."""
+    routing = state_of(self).routing
+    before = routing.repeat
+    routing.repeat = True
+    try:
+        with route(self, task_ids) if task_ids is not None else contextlib.nullcontext():
+            return type(self).generate(self, *args, **kwargs)  # type: ignore[operator]
+    finally:
+        routing.repeat = before
+
+
+def _install_keyword(model: nn.Module) -> None:
+    cls = type(model)
+    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
+        model.forward = types.MethodType(_keyword_forward(cls), model)  # type: ignore[method-assign]
+    if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
+        model.generate = types.MethodType(_routed_generate, model)  # type: ignore[assignment]
+
+
+def _remove_keyword(model: nn.Module) -> None:
+    for name, func in (("forward", _keyword_forward(type(model))), ("generate", _routed_generate)):
+        if getattr(vars(model).get(name), "__func__", None) is func:
+            del model.__dict__[name]
 
 
 def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | None = None, **args: Any) -> nn.Module:
@@ -294,6 +392,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     ``save`` writes the merged model and ``load`` onto a fresh base reproduces it.
     :func:`unmerge` undoes the last merge; :func:`detach` undoes everything.
     """
+    model = unwrap(model)
     state = state_of(model)
     current = sites(model)
     if not current or state.recipe is None:
@@ -398,6 +497,7 @@ def _unfold(folded: Mapping[str, AdapterSite]) -> None:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo the last :func:`merge`: the sites it replaced come back, folded updates are
     subtracted from their base weights (exact up to float rounding of ``(W + d) - d``)."""
+    model = unwrap(model)
     state = state_of(model)
     if not state.undo:
         raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
@@ -415,12 +515,14 @@ def detach(model: nn.Module) -> nn.Module:
     """Remove every adapter: the original modules come back at every site, folded updates
     are subtracted from their base weights (to float tolerance) and every parameter gets
     its ``requires_grad`` from before :func:`attach`. Returns the model."""
+    model = unwrap(model)
     state = state_of(model)
     _unfold(state.folded)
     for name, original in state.originals.items():
         model.set_submodule(name, original)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    _remove_keyword(model)
     delattr(model, STATE_ATTR)
     return model
 
@@ -431,6 +533,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     Refused when updates were folded into base weights (the bare weights are gone until
     :func:`unmerge` or :func:`detach`)."""
+    model = unwrap(model)
     state = state_of(model)
     if state.folded:
         raise AdapterkitError(f"cannot disable adapters folded into base weights ({_short(state.folded)}); "
@@ -455,6 +558,7 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
     (``adapterkit plugins`` lists them), in place; returns the mode (it may know a compact
     per-task state, :meth:`~adapterkit.roles.AdaptMode.compact_state`). The model's recipe
     is re-derived from its sites and the step recorded."""
+    model = unwrap(model)
     state = state_of(model)
     host = host or get_host()
     cls = host.adapt_modes[mode]
@@ -473,6 +577,7 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
 
 def replace_sites(model: nn.Module, new: Mapping[str, AdapterSite]) -> None:
     """Put new sites in place of current ones (for adaptation modes); names must be sites."""
+    model = unwrap(model)
     current = sites(model)
     for name, site in new.items():
         if name not in current:
@@ -548,6 +653,7 @@ def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[s
 
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model`` holds adapterkit state (adapters attached, perhaps merged or folded)."""
+    model = unwrap(model)
     return hasattr(model, STATE_ATTR)
 
 
@@ -565,5 +671,6 @@ def history(model: nn.Module) -> list[dict[str, Any]]:
 def folded_sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The plain sites whose updates were folded into their base weights, by module name
     (``{}`` for a model without adapterkit state)."""
+    model = unwrap(model)
     state = getattr(model, STATE_ATTR, None)
     return dict(state.folded) if state is not None else {}
