@@ -83,3 +83,20 @@ def predictions(trainer: Any) -> torch.Tensor:
 
 def adapter_files(directory: str) -> list[str]:
     return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+
+
+def accelerate_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of ``world`` processes of a Trainer run as ``accelerate launch`` / ``torchrun``
+    would start it (the same environment variables), for each recipe: train, save, and
+    write this rank's adapter tensors for the parent to compare."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    for name in sorted(RECIPES):
+        trainer, model = trained(name, os.path.join(out, name), max_steps=3, per_device_train_batch_size=2,
+                                 save_strategy="no")
+        assert trainer.args.world_size == world and trainer.args.parallel_mode.value == "distributed"
+        trainer.save_model()
+        mine = os.path.join(out, f"{name}-rank{rank}.safetensors")
+        adapterkit.save_tensors(adapterkit.adapter_state_dict(model), mine)
+        trainer.accelerator.wait_for_everyone()
