@@ -329,7 +329,7 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
 
 
 @functools.cache
-def _keyword_forward(cls: type) -> Any:
+def _keyword_forward(cls: Any) -> Any:
     """A ``forward`` for instances of ``cls`` that also takes ``task_ids=``; its signature is
     the class's plus that keyword, so tools that read it (Trainer's column filter,
     ``generate``'s argument check) see the keyword."""
@@ -364,13 +364,13 @@ def _routed_generate(self: nn.Module, *args: Any, task_ids: Any = None, **kwargs
     routing.repeat = True
     try:
         with route(self, task_ids) if task_ids is not None else contextlib.nullcontext():
-            return type(self).generate(self, *args, **kwargs)  # type: ignore[operator]
+            return type(self).generate(self, *args, **kwargs)  # type: ignore[attr-defined]
     finally:
         routing.repeat = before
 
 
 def _install_keyword(model: nn.Module) -> None:
-    cls = type(model)
+    cls: Any = type(model)
     if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
         model.forward = types.MethodType(_keyword_forward(cls), model)  # type: ignore[method-assign]
     if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
@@ -378,7 +378,8 @@ def _install_keyword(model: nn.Module) -> None:
 
 
 def _remove_keyword(model: nn.Module) -> None:
-    for name, func in (("forward", _keyword_forward(type(model))), ("generate", _routed_generate)):
+    cls: Any = type(model)
+    for name, func in (("forward", _keyword_forward(cls)), ("generate", _routed_generate)):
         if getattr(vars(model).get(name), "__func__", None) is func:
             del model.__dict__[name]
 

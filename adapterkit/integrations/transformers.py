@@ -47,7 +47,7 @@ def trainer_kwargs(model: nn.Module, args: TrainingArguments, *, router_lr: floa
     optimizer = adamw(model, lr=args.learning_rate, weight_decay=args.weight_decay, router_lr=router_lr,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     if "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(save_pretrained, model)  # type: ignore[method-assign]
+        model.save_pretrained = types.MethodType(save_pretrained, model)  # type: ignore[assignment]
     return {"optimizers": (optimizer, None), "callbacks": [AdapterkitCallback()]}
 
 
