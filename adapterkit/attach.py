@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import re
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -329,58 +328,73 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
 
 
 @functools.cache
-def _keyword_forward(cls: Any) -> Any:
-    """A ``forward`` for instances of ``cls`` that also takes ``task_ids=``; its signature is
-    the class's plus that keyword, so tools that read it (Trainer's column filter,
-    ``generate``'s argument check) see the keyword."""
-    original = cls.forward
+def _signature_with_task_ids(cls: Any) -> inspect.Signature:
+    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids``."""
+    signature = inspect.signature(cls.forward)
+    params = list(signature.parameters.values())[1:]
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
 
-    def forward(self: nn.Module, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+
+class TaskIdsForward:
+    """The ``forward`` of a routed model's instance: its class's ``forward``, plus
+    ``task_ids=`` routed for the call (validated, restored afterwards, also on errors).
+    Its signature is the class's plus that keyword, so tools that read it (the Trainer's
+    column filter, ``generate``'s argument check) see it. A plain object holding the
+    model, so copies and pickles of the model keep it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cls: Any = type(model)
+        self.model = model
+        self.__signature__ = _signature_with_task_ids(cls)
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        forward = type(model).forward
         if task_ids is None:
-            return original(self, *args, **kwargs)
-        routing = state_of(self).routing
+            return forward(model, *args, **kwargs)
+        routing = state_of(model).routing
         previous = routing.task_ids
-        routing.task_ids = checked_task_ids(self, task_ids)
+        routing.task_ids = checked_task_ids(model, task_ids)
         try:
-            return original(self, *args, **kwargs)
+            return forward(model, *args, **kwargs)
         finally:
             routing.task_ids = previous
 
-    signature = inspect.signature(original)
-    params = list(signature.parameters.values())
-    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    forward.__signature__ = signature.replace(parameters=[*params[:at], keyword, *params[at:]])  # type: ignore[attr-defined]
-    forward.__doc__ = original.__doc__
-    return forward
 
+class TaskIdsGenerate:
+    """The ``generate`` of a routed model's instance: with ``task_ids=`` (or inside
+    ``route``) the ids stay routed for the whole call (an encoder sees the batch as given)
+    and are repeated for each example's beams and returned sequences
+    (``RoutingState.repeat``)."""
 
-def _routed_generate(self: nn.Module, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
-    """``generate`` with ``task_ids=`` (or inside ``route``): the ids stay routed for the whole
-    call (the encoder sees the batch as given) and are repeated for each example's beams
-    and returned sequences (``RoutingState.repeat``)."""
-    routing = state_of(self).routing
-    before = routing.repeat
-    routing.repeat = True
-    try:
-        with route(self, task_ids) if task_ids is not None else contextlib.nullcontext():
-            return type(self).generate(self, *args, **kwargs)  # type: ignore[attr-defined]
-    finally:
-        routing.repeat = before
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        routing = state_of(model).routing
+        before = routing.repeat
+        routing.repeat = True
+        try:
+            with route(model, task_ids) if task_ids is not None else contextlib.nullcontext():
+                return type(model).generate(model, *args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            routing.repeat = before
 
 
 def _install_keyword(model: nn.Module) -> None:
     cls: Any = type(model)
     if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
-        model.forward = types.MethodType(_keyword_forward(cls), model)  # type: ignore[method-assign]
+        model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
     if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
-        model.generate = types.MethodType(_routed_generate, model)  # type: ignore[assignment]
+        model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
 
 
 def _remove_keyword(model: nn.Module) -> None:
-    cls: Any = type(model)
-    for name, func in (("forward", _keyword_forward(cls)), ("generate", _routed_generate)):
-        if getattr(vars(model).get(name), "__func__", None) is func:
+    for name, kind in (("forward", TaskIdsForward), ("generate", TaskIdsGenerate)):
+        if isinstance(vars(model).get(name), kind):
             del model.__dict__[name]
 
 

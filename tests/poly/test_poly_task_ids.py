@@ -60,6 +60,20 @@ def test_keyword_routes_like_route_and_restores() -> None:
     assert model[0].routing.task_ids is None  # restored after the failed forward too
 
 
+def test_copies_and_pickles_keep_the_keyword() -> None:
+    import copy
+    import io
+
+    model = mlp()
+    expected = model(X, task_ids=IDS)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert other.forward.model is other  # bound to the copy, not to the original
+        torch.testing.assert_close(other(X, task_ids=IDS), expected, rtol=0, atol=0)
+
+
 def test_signature_shows_the_keyword_only_while_attached() -> None:
     import inspect
 
