@@ -6,10 +6,11 @@ work), the same optimizer (adapterkit's AdamW: ``trainer_kwargs`` on the Trainer
 gradient clipping at 1.0 (the Trainer's default) and a decaying schedule on both sides.
 Each round runs ``--steps`` optimizer steps through each loop, interleaved in one process
 (``trainer.train()`` with ``max_steps``, ``workflows.loop.Trainer.fit``); a step's time is
-the round's time over its steps, so each loop's per-call setup (data loader, wrappers)
+the round's time over its steps, so each loop's per-call setup and teardown (data
+loader, wrappers; the Trainer's ``gc.collect()`` at the end of ``train()``, ~0.3 s here)
 is spread over them. Medians over rounds; the ratio is Trainer / adapterkit.
 
-Usage: ``python benchmarks/trainer.py [--rounds 10] [--steps 5] [--quick] [--threads N] [--out DIR]``
+Usage: ``python benchmarks/trainer.py [--rounds 8] [--steps 10] [--quick] [--threads N] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def own_loop(base: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per round and loop")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round and loop")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on busy cores)")
