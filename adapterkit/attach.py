@@ -264,11 +264,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+WRAPPER_ATTRS = ("_orig_mod", "module")  # torch.compile's OptimizedModule; DDP, DataParallel, engines
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The attached model inside training and compile wrappers: ``.module`` (DDP,
     DataParallel, accelerate's and DeepSpeed's engines) and ``._orig_mod``
     (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
-    when none does. Every public call that takes a model goes through it."""
+    when none does. Every public call on an attached model goes through it."""
     inner = model
     while not hasattr(inner, STATE_ATTR):
         wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
@@ -276,9 +279,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
         inner = wrapped
     return inner
-
-
-WRAPPER_ATTRS = ("_orig_mod", "module")
 
 
 def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Tensor:
