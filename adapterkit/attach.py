@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -237,12 +238,15 @@ def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHos
     for name, site in new_sites.items():
         for param in site.adapter_parameters():
             param.requires_grad_(True)
+        site.train(originals[name].training)  # a model in eval mode stays in eval mode (routers sample in training)
         model.set_submodule(name, site)
 
     routing = next(iter(new_sites.values())).routing
     state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites), saved=saved)
     state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
+    if any(site.router.needs_task_ids for site in new_sites.values()):
+        _install_keyword(model)
     state.summary = _summarize(model, recipe, new_sites, saved_names)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
@@ -288,7 +292,7 @@ def _summarize(
 
 
 def state_of(model: nn.Module) -> AttachState:
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None:
         raise AdapterkitError("model has no adapters attached; call adapterkit.attach(model, recipe) first")
     return state  # type: ignore[no-any-return]
@@ -303,12 +307,14 @@ def summary(model: nn.Module) -> AttachSummary:
 
 def sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The adapted sites of a model by module name."""
+    model = unwrap(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterSite)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor (trainable parameters and adapter buffers), not the base model's,
     and the tensors of the modules to save (keys ``modules_to_save/<module>/<tensor>``)."""
+    model = unwrap(model)
     out: dict[str, Tensor] = {}
     for name, site in sites(model).items():
         for key, tensor in site.state_dict().items():
@@ -331,6 +337,7 @@ def saved_module_key(key: str) -> tuple[str, str] | None:
 
 def saved_modules(model: nn.Module) -> list[str]:
     """The names of the model's modules to save (trained fully, saved with the adapter)."""
+    model = unwrap(model)
     state = getattr(model, STATE_ATTR, None)
     return list(state.saved) if state is not None else []
 
@@ -347,13 +354,27 @@ def _put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> 
     return before
 
 
-@contextlib.contextmanager
-def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
-    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+WRAPPER_ATTRS = ("_orig_mod", "module")  # torch.compile's OptimizedModule; DDP, DataParallel, engines
 
-    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
-    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly.
-    """
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The attached model inside training and compile wrappers: ``.module`` (DDP,
+    DataParallel, accelerate's and DeepSpeed's engines) and ``._orig_mod``
+    (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
+    when none does. Every public call on an attached model goes through it."""
+    inner = model
+    while not hasattr(inner, STATE_ATTR):
+        wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
+        if wrapped is None:
+            return model
+        inner = wrapped
+    return inner
+
+
+def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Tensor:
+    """``task_ids`` as a 1-D long tensor on the model's device, validated (integer dtype,
+    range). Eager, the range check reads the ids (one host sync, here and not in the
+    sites); inside a compiled region it is a device-side assert, so no graph breaks."""
     state = state_of(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.as_tensor(task_ids, device=device)
@@ -362,15 +383,109 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise RoutingError(f"task ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     ids = ids.long()
-    if state.n_tasks is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.n_tasks):
-        bad = sorted({i for i in ids.tolist() if not 0 <= i < state.n_tasks})
-        raise RoutingError(f"task ids must lie in [0, {state.n_tasks}); out of range: {bad[:8]}")
-    previous = state.routing.task_ids
-    state.routing.task_ids = ids
+    n = state.n_tasks
+    if n is None or not ids.numel():
+        return ids
+    if torch.compiler.is_compiling():
+        torch._assert_async(((ids >= 0) & (ids < n)).all(), f"task ids must lie in [0, {n})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= n:
+        bad = sorted({i for i in ids.tolist() if not 0 <= i < n})
+        raise RoutingError(f"task ids must lie in [0, {n}); out of range: {bad[:8]}")
+    return ids
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
+    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+
+    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
+    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly. A routed model
+    also takes them as a forward keyword, ``model(**batch, task_ids=ids)``, and
+    ``model.generate(..., task_ids=ids)`` repeats them for beams and returned sequences.
+    """
+    model = unwrap(model)
+    ids = checked_task_ids(model, task_ids)
+    routing = state_of(model).routing
+    previous = routing.task_ids
+    routing.task_ids = ids
     try:
         yield ids
     finally:
-        state.routing.task_ids = previous
+        routing.task_ids = previous
+
+
+# --- the task_ids keyword: instance-level forward and generate of a routed model ---------
+
+
+@functools.cache
+def _signature_with_task_ids(cls: Any) -> inspect.Signature:
+    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids``."""
+    signature = inspect.signature(cls.forward)
+    params = list(signature.parameters.values())[1:]
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
+
+
+class TaskIdsForward:
+    """The ``forward`` of a routed model's instance: its class's ``forward``, plus
+    ``task_ids=`` routed for the call (validated, restored afterwards, also on errors).
+    Its signature is the class's plus that keyword, so tools that read it (the Trainer's
+    column filter, ``generate``'s argument check) see it. A plain object holding the
+    model, so copies and pickles of the model keep it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cls: Any = type(model)
+        self.model = model
+        self.__signature__ = _signature_with_task_ids(cls)
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        forward = type(model).forward
+        if task_ids is None:
+            return forward(model, *args, **kwargs)
+        routing = state_of(model).routing
+        previous = routing.task_ids
+        routing.task_ids = checked_task_ids(model, task_ids)
+        try:
+            return forward(model, *args, **kwargs)
+        finally:
+            routing.task_ids = previous
+
+
+class TaskIdsGenerate:
+    """The ``generate`` of a routed model's instance: with ``task_ids=`` (or inside
+    ``route``) the ids stay routed for the whole call (an encoder sees the batch as given)
+    and are repeated for each example's beams and returned sequences
+    (``RoutingState.repeat``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        routing = state_of(model).routing
+        before = routing.repeat
+        routing.repeat = True
+        try:
+            with route(model, task_ids) if task_ids is not None else contextlib.nullcontext():
+                return type(model).generate(model, *args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            routing.repeat = before
+
+
+def _install_keyword(model: nn.Module) -> None:
+    cls: Any = type(model)
+    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
+        model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
+    if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
+        model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
+
+
+def _remove_keyword(model: nn.Module) -> None:
+    for name, kind in (("forward", TaskIdsForward), ("generate", TaskIdsGenerate)):
+        if isinstance(vars(model).get(name), kind):
+            del model.__dict__[name]
 
 
 def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | None = None, **args: Any) -> nn.Module:
@@ -382,6 +497,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     ``save`` writes the merged model and ``load`` onto a fresh base reproduces it.
     :func:`unmerge` undoes the last merge; :func:`detach` undoes everything.
     """
+    model = unwrap(model)
     state = state_of(model)
     current = sites(model)
     if not current or state.recipe is None:
@@ -409,6 +525,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     state.undo.append((dict(current), state.recipe, dict(state.folded)))
     _install_folds(model, state, folds)
     for site_name, site in kept.items():
+        site.train(current[site_name].training)
         model.set_submodule(site_name, site)
     state.recipe = recipe
     state.n_tasks = _n_tasks(kept)
@@ -486,6 +603,7 @@ def _unfold(folded: Mapping[str, AdapterSite]) -> None:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo the last :func:`merge`: the sites it replaced come back, folded updates are
     subtracted from their base weights (exact up to float rounding of ``(W + d) - d``)."""
+    model = unwrap(model)
     state = state_of(model)
     if not state.undo:
         raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
@@ -503,6 +621,7 @@ def detach(model: nn.Module) -> nn.Module:
     """Remove every adapter: the original modules come back at every site, folded updates
     are subtracted from their base weights (to float tolerance) and every parameter gets
     its ``requires_grad`` from before :func:`attach`. Returns the model."""
+    model = unwrap(model)
     state = state_of(model)
     _unfold(state.folded)
     _put_saved(model, state.saved)
@@ -510,6 +629,7 @@ def detach(model: nn.Module) -> nn.Module:
         model.set_submodule(name, original)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    _remove_keyword(model)
     delattr(model, STATE_ATTR)
     return model
 
@@ -521,6 +641,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     Refused when updates were folded into base weights (the bare weights are gone until
     :func:`unmerge` or :func:`detach`)."""
+    model = unwrap(model)
     state = state_of(model)
     if state.folded:
         raise AdapterkitError(f"cannot disable adapters folded into base weights ({_short(state.folded)}); "
@@ -547,6 +668,7 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
     (``adapterkit plugins`` lists them), in place; returns the mode (it may know a compact
     per-task state, :meth:`~adapterkit.roles.AdaptMode.compact_state`). The model's recipe
     is re-derived from its sites and the step recorded."""
+    model = unwrap(model)
     state = state_of(model)
     host = host or get_host()
     cls = host.adapt_modes[mode]
@@ -565,10 +687,12 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
 
 def replace_sites(model: nn.Module, new: Mapping[str, AdapterSite]) -> None:
     """Put new sites in place of current ones (for adaptation modes); names must be sites."""
+    model = unwrap(model)
     current = sites(model)
     for name, site in new.items():
         if name not in current:
             raise AdapterkitError(f"{name!r} is not an adapter site of this model")
+        site.train(current[name].training)
         model.set_submodule(name, site)
 
 
@@ -683,6 +807,7 @@ def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[s
 
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model`` holds adapterkit state (adapters attached, perhaps merged or folded)."""
+    model = unwrap(model)
     return hasattr(model, STATE_ATTR)
 
 
@@ -700,5 +825,6 @@ def history(model: nn.Module) -> list[dict[str, Any]]:
 def folded_sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The plain sites whose updates were folded into their base weights, by module name
     (``{}`` for a model without adapterkit state)."""
+    model = unwrap(model)
     state = getattr(model, STATE_ATTR, None)
     return dict(state.folded) if state is not None else {}

@@ -21,10 +21,14 @@ from .roles import Configurable, Partition, Projection, ProjectionSpec, Router, 
 
 
 class RoutingState:
-    """Task ids shared by every routed site of one model (set by ``adapterkit.route``)."""
+    """Task ids shared by every routed site of one model (set by ``adapterkit.route`` or the
+    ``task_ids=`` keyword). ``repeat`` (on during ``generate``) lets a batch that is a whole
+    multiple of the ids take each id for consecutive examples, as beams and returned
+    sequences repeat each example (``repeat_interleave``)."""
 
     def __init__(self) -> None:
         self.task_ids: Tensor | None = None
+        self.repeat = False
 
 
 def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> Tensor:
@@ -151,14 +155,27 @@ class AdapterSite(Configurable, nn.Module):
         partition: Partition = self.projections[name].partition  # type: ignore[assignment]
         return partition
 
+    def task_ids(self, batch: int) -> Tensor | None:
+        """The task ids for a batch of ``batch`` examples: as routed, or repeated for
+        consecutive examples under ``RoutingState.repeat`` (shapes only: no host sync)."""
+        task_ids = self.routing.task_ids
+        if task_ids is not None and self.routing.repeat and 1 < task_ids.shape[0] < batch:
+            if batch % task_ids.shape[0]:
+                raise RoutingError(
+                    f"site {self.site_name!r}: {task_ids.shape[0]} task ids for a batch of {batch}, "
+                    "which is not a whole multiple (generate repeats each example's id for its beams)"
+                )
+            task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])
+        return task_ids
+
     def routing_weights(self, batch: int) -> Tensor | None:
         """Skill weights ``(batch, H, K)`` for this forward, or ``None`` (one skill)."""
         if not self.router.needs_task_ids:
             return self.router(None)
-        task_ids = self.routing.task_ids
+        task_ids = self.task_ids(batch)
         if task_ids is None:
             raise RoutingError(
-                f"site {self.site_name!r} is routed: call the model inside "
+                f"site {self.site_name!r} is routed: call the model with `task_ids=` or inside "
                 "`with adapterkit.route(model, task_ids):`"
             )
         if task_ids.shape[0] != batch:
@@ -186,7 +203,7 @@ class AdapterSite(Configurable, nn.Module):
                     for name, module in self.projections.items()}
         index = None
         tasks = self.router.n_tasks
-        task_ids = self.routing.task_ids
+        task_ids = self.task_ids(batch) if self.router.needs_task_ids else None
         if (
             not self.training and self.router.needs_task_ids and isinstance(tasks, int) and 1 < tasks < batch
             and task_ids is not None and task_ids.shape[0] == batch

@@ -40,6 +40,7 @@ NAV: list[tuple[str, str]] = [
     ("Storage", "storage.md"),
     ("Expert libraries", "libraries.md"),
     ("PEFT interop", "peft.md"),
+    ("Hugging Face: Trainer, accelerate, generate", "huggingface.md"),
     ("Writing a plugin", "plugins.md"),
     ("Benchmarks", "benchmarks.md"),
     ("CLI reference", "reference/cli.md"),

@@ -183,7 +183,7 @@ def save(
     names, e.g. a classifier head: ``load`` skips them, ``load_tensors(url, info.extra)``
     reads them.
     """
-    from ..attach import adapter_state_dict, describe, providers, sites, state_of
+    from ..attach import adapter_state_dict, describe, providers, sites, state_of, unwrap
 
     meta = dict(metadata or {})
     reserved = [k for k in meta if isinstance(k, str) and k.startswith(PREFIX)]
@@ -192,6 +192,7 @@ def save(
                            "belong to adapterkit")
     loc = resolve(url, storage_options, write=True)
     if isinstance(model_or_tensors, nn.Module):
+        model_or_tensors = unwrap(model_or_tensors)
         state = state_of(model_or_tensors)
         tensors = adapter_state_dict(model_or_tensors)
         plugins: dict[str, str] = {}
@@ -235,8 +236,9 @@ def load(
     ``strict`` (default) requires the file and the model to hold the same adapter tensors;
     otherwise tensors on only one side are skipped. Shapes must always match.
     """
-    from ..attach import adapter_state_dict, fold_sites, sites
+    from ..attach import adapter_state_dict, fold_sites, sites, unwrap
 
+    model = unwrap(model)
     loc = resolve(url, storage_options)
     data = read_all(loc, writable=False)
     header = parse_whole(data, url)
