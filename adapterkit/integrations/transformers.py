@@ -68,9 +68,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *a
 def load_adapter(directory: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load the adapter a Trainer saved into ``directory`` (the output folder or a
     ``checkpoint-N`` folder) onto ``model``, a fresh base model; returns it."""
-    model = load(os.path.join(os.fspath(directory), ADAPTER_FILE), model)
-    set_progress(model, 1.0)  # a trained adapter evaluates at the end of its samplers' schedule
-    return model
+    return load(os.path.join(os.fspath(directory), ADAPTER_FILE), model)  # (with its samplers' progress)
 
 
 class AdapterkitCallback(TrainerCallback):
@@ -78,8 +76,7 @@ class AdapterkitCallback(TrainerCallback):
     max_steps``, as adapterkit's own loop reports it) and frozen batch-norm statistics
     kept frozen (``model.train()`` would update them). At the end of training the
     progress is 1: a scheduled sampler's eval gates (MoSA coarse-to-fine) are those of the
-    finished schedule, which :func:`load_adapter` also sets (adapter files do not carry
-    sampler progress)."""
+    finished schedule, and the saved adapter carries that progress."""
 
     def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, model: nn.Module | None = None,
                       **kwargs: Any) -> None:
