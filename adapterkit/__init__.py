@@ -21,6 +21,7 @@ from .attach import (
 from .errors import AdapterkitError, AttachError, RecipeError, RoutingError, UnknownNameError
 from .hookspecs import hookimpl
 from .library import Library
+from .peft_interop import PeftInteropError, export_peft, export_peft_tasks, import_peft
 from .plugins import PluginHost, get_host
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
@@ -42,6 +43,7 @@ __all__ = [
     "LossTerm",
     "Merger",
     "Partition",
+    "PeftInteropError",
     "PluginHost",
     "Projection",
     "ProjectionSpec",
@@ -61,10 +63,13 @@ __all__ = [
     "cp",
     "detach",
     "disabled",
+    "export_peft",
+    "export_peft_tasks",
     "folded_sites",
     "get_host",
     "history",
     "hookimpl",
+    "import_peft",
     "inspect",
     "is_attached",
     "load",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from .wording import plural
 
 log = logging.getLogger("adapterkit")
 STATE_ATTR = "_adapterkit"
+SAVED_PREFIX = "modules_to_save/"  # key namespace of modules_to_save tensors: modules_to_save/<module>/<tensor>
 
 
 @attrs.frozen
@@ -41,13 +43,16 @@ class AttachSummary:
     sites: tuple[SiteSummary, ...]
     trainable: int
     total: int
+    saved: tuple[SiteSummary, ...] = ()  # modules_to_save: trained fully, saved with the adapter
 
     def __str__(self) -> str:
         lines = [f"{'site':<48} {'base':<16} {'trainable':>10}"]
         lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
+        lines += [f"{s.name + ' (saved)':<48} {s.base:<16} {s.trainable:>10,}" for s in self.saved]
         share = 100.0 * self.trainable / max(self.total, 1)
+        saved = f" + {plural(len(self.saved), 'module')} to save" if self.saved else ""
         lines.append(
-            f"{plural(len(self.sites), 'site')}; "
+            f"{plural(len(self.sites), 'site')}{saved}; "
             f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
         )
         return "\n".join(lines)
@@ -74,6 +79,9 @@ class AttachState:
     undo: list[tuple[dict[str, AdapterSite], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
     n_tasks: int | None = None
     summary: AttachSummary | None = None
+    # modules_to_save by name: a copy of their tensors from before attach (detach and
+    # disabled() put these back, as PEFT's ModulesToSaveWrapper keeps the original module)
+    saved: dict[str, dict[str, Tensor]] = attrs.field(factory=dict)
 
 
 def match_target(name: str, pattern: str) -> bool:
@@ -117,10 +125,27 @@ def _role(host: PluginHost, role: str, recipe: Recipe) -> tuple[type, Any]:
     return cls, build_config(cls, spec.args, f"{role} {spec.name!r}")
 
 
+def override_for(recipe: Recipe, name: str) -> str | None:
+    """The ``overrides`` pattern that matches site ``name`` (``None``: none); two are an error."""
+    matches = [p for p in recipe.overrides if match_target(name, p)]
+    if len(matches) > 1:
+        raise AttachError(name, f"overrides {matches} all match it; at most one may")
+    return matches[0] if matches else None
+
+
+def _kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
+    """The kind's config per override pattern (``None``: the recipe's own arguments)."""
+    what = f"adapter kind {recipe.kind!r}"
+    configs: dict[str | None, Any] = {None: build_config(kind_cls, recipe.kind_args, what)}
+    for pattern in recipe.overrides:
+        configs[pattern] = build_config(kind_cls, recipe.site_args(pattern), f"{what} (overrides {pattern!r})")
+    return configs
+
+
 def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: PluginHost) -> dict[str, AdapterSite]:
     """The recipe's sites for the modules ``names`` of ``model``, without installing them."""
     kind_cls = host.kinds[recipe.kind]
-    kind_config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
+    configs = _kind_configs(kind_cls, recipe)
     splitter_cls, splitter_cfg = _role(host, "splitter", recipe)
     sampler_cls, sampler_cfg = _role(host, "sampler", recipe)
     router_cls, router_cfg = _role(host, "router", recipe)
@@ -133,8 +158,8 @@ def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: Pl
     for name in names:
         try:
             out[name] = kind_cls(
-                model.get_submodule(name), kind_config, name=name, skills=recipe.skills, splitter=splitter,
-                sampler=sampler, routing=routing, generator=generator,
+                model.get_submodule(name), configs[override_for(recipe, name)], name=name, skills=recipe.skills,
+                splitter=splitter, sampler=sampler, routing=routing, generator=generator,
                 make_router=functools.partial(router_cls, router_cfg, skills=recipe.skills, generator=generator),
             )
         except (ValueError, RecipeError) as exc:
@@ -149,15 +174,32 @@ def planned_elements(model: nn.Module, recipe: Recipe, *, host: PluginHost | Non
     make it allocate far beyond the file."""
     host = host or get_host()
     kind_cls = host.kinds[recipe.kind]
-    config = build_config(kind_cls, recipe.kind_args, f"adapter kind {recipe.kind!r}")
+    configs = _kind_configs(kind_cls, recipe)
     total = 0
     for name in find_sites(model, recipe.targets):
         try:
-            specs = kind_cls.projection_specs(model.get_submodule(name), config)
+            specs = kind_cls.projection_specs(model.get_submodule(name), configs[override_for(recipe, name)])
         except (ValueError, RecipeError) as exc:
             raise AttachError(name, str(exc)) from None
         total += sum(recipe.skills * math.prod(spec.shape) for spec in specs)
+    for name in find_sites(model, recipe.modules_to_save) if recipe.modules_to_save else ():
+        total += sum(t.numel() for t in model.get_submodule(name).state_dict().values())  # the originals' copy
     return total
+
+
+def _modules_to_save(model: nn.Module, recipe: Recipe, site_names: Sequence[str]) -> list[str]:
+    """The modules ``recipe.modules_to_save`` names (outermost), none holding or inside a site."""
+    if not recipe.modules_to_save:
+        return []
+    found = find_sites(model, recipe.modules_to_save)
+    if not found:
+        raise AttachError(None, f"no module matches modules_to_save {list(recipe.modules_to_save)}")
+    for name in found:
+        clash = next((s for s in site_names if s == name or s.startswith(name + ".") or name.startswith(s + ".")),
+                     None)
+        if clash is not None:
+            raise AttachError(name, f"a module to save cannot hold or sit inside the adapter site {clash!r}")
+    return found
 
 
 def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:
@@ -179,22 +221,33 @@ def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHos
     if not names:
         sample = [n for n, _ in model.named_modules() if n][:6]
         raise AttachError(None, f"no module matches targets {list(recipe.targets)}; module names look like {sample}")
+    unused = [p for p in recipe.overrides if not any(match_target(n, p) for n in names)]
+    if unused:
+        raise AttachError(None, f"overrides pattern {unused[0]!r} matches no site; sites: {_short(names)}")
     new_sites = build_sites(model, recipe, names, host)
+    saved_names = _modules_to_save(model, recipe, names)
 
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     originals = {name: model.get_submodule(name) for name in names}
+    saved = {name: {k: v.detach().clone() for k, v in model.get_submodule(name).state_dict().items()}
+             for name in saved_names}
     for param in model.parameters():
         param.requires_grad_(False)
+    for name in saved_names:
+        model.get_submodule(name).requires_grad_(True)
     for name, site in new_sites.items():
         for param in site.adapter_parameters():
             param.requires_grad_(True)
+        site.train(originals[name].training)  # a model in eval mode stays in eval mode (routers sample in training)
         model.set_submodule(name, site)
 
     routing = next(iter(new_sites.values())).routing
-    state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites))
+    state = AttachState(recipe, recipe, routing, originals, requires_grad, n_tasks=_n_tasks(new_sites), saved=saved)
     state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
-    state.summary = _summarize(model, recipe, new_sites)
+    if any(site.router.needs_task_ids for site in new_sites.values()):
+        _install_keyword(model)
+    state.summary = _summarize(model, recipe, new_sites, saved_names)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
 
@@ -222,18 +275,24 @@ def _n_tasks(found: Mapping[str, AdapterSite]) -> int | None:
     return min(counts) if counts else None  # type: ignore[type-var]
 
 
-def _summarize(model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite]) -> AttachSummary:
+def _summarize(
+    model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite], saved: Sequence[str] = ()
+) -> AttachSummary:
     rows = tuple(
         SiteSummary(name, type(site.base).__name__, sum(p.numel() for p in site.parameters() if p.requires_grad))
         for name, site in sites.items()
     )
+    saved_rows = tuple(
+        SiteSummary(name, type(module).__name__, sum(p.numel() for p in module.parameters() if p.requires_grad))
+        for name, module in ((n, model.get_submodule(n)) for n in saved)
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return AttachSummary(recipe, rows, trainable, total)
+    return AttachSummary(recipe, rows, trainable, total, saved_rows)
 
 
 def state_of(model: nn.Module) -> AttachState:
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None:
         raise AdapterkitError("model has no adapters attached; call adapterkit.attach(model, recipe) first")
     return state  # type: ignore[no-any-return]
@@ -248,26 +307,74 @@ def summary(model: nn.Module) -> AttachSummary:
 
 def sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The adapted sites of a model by module name."""
+    model = unwrap(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, AdapterSite)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor (trainable parameters and adapter buffers), not the base model's."""
+    """Every adapter tensor (trainable parameters and adapter buffers), not the base model's,
+    and the tensors of the modules to save (keys ``modules_to_save/<module>/<tensor>``)."""
+    model = unwrap(model)
     out: dict[str, Tensor] = {}
     for name, site in sites(model).items():
         for key, tensor in site.state_dict().items():
             if not key.startswith("base."):
                 out[f"{name}.{key}"] = tensor
+    state = getattr(model, STATE_ATTR, None)
+    for module in state.saved if state is not None else ():
+        for key, tensor in model.get_submodule(module).state_dict().items():
+            out[f"{SAVED_PREFIX}{module}/{key}"] = tensor
     return out
 
 
-@contextlib.contextmanager
-def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
-    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+def saved_module_key(key: str) -> tuple[str, str] | None:
+    """``(module, tensor)`` of a ``modules_to_save/<module>/<tensor>`` key, else ``None``."""
+    if not key.startswith(SAVED_PREFIX):
+        return None
+    module, _, tensor = key[len(SAVED_PREFIX):].rpartition("/")
+    return module, tensor
 
-    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
-    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly.
-    """
+
+def saved_modules(model: nn.Module) -> list[str]:
+    """The names of the model's modules to save (trained fully, saved with the adapter)."""
+    model = unwrap(model)
+    state = getattr(model, STATE_ATTR, None)
+    return list(state.saved) if state is not None else []
+
+
+@torch.no_grad()
+def _put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """Copy ``values`` into the modules to save in place; returns what they held before."""
+    before: dict[str, dict[str, Tensor]] = {}
+    for module, tensors in values.items():
+        live = model.get_submodule(module).state_dict()
+        before[module] = {k: v.clone() for k, v in live.items()}
+        for key, tensor in live.items():
+            tensor.copy_(tensors[key])
+    return before
+
+
+WRAPPER_ATTRS = ("_orig_mod", "module")  # torch.compile's OptimizedModule; DDP, DataParallel, engines
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The attached model inside training and compile wrappers: ``.module`` (DDP,
+    DataParallel, accelerate's and DeepSpeed's engines) and ``._orig_mod``
+    (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
+    when none does. Every public call on an attached model goes through it."""
+    inner = model
+    while not hasattr(inner, STATE_ATTR):
+        wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
+        if wrapped is None:
+            return model
+        inner = wrapped
+    return inner
+
+
+def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Tensor:
+    """``task_ids`` as a 1-D long tensor on the model's device, validated (integer dtype,
+    range). Eager, the range check reads the ids (one host sync, here and not in the
+    sites); inside a compiled region it is a device-side assert, so no graph breaks."""
     state = state_of(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.as_tensor(task_ids, device=device)
@@ -276,15 +383,109 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise RoutingError(f"task ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
     ids = ids.long()
-    if state.n_tasks is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= state.n_tasks):
-        bad = sorted({i for i in ids.tolist() if not 0 <= i < state.n_tasks})
-        raise RoutingError(f"task ids must lie in [0, {state.n_tasks}); out of range: {bad[:8]}")
-    previous = state.routing.task_ids
-    state.routing.task_ids = ids
+    n = state.n_tasks
+    if n is None or not ids.numel():
+        return ids
+    if torch.compiler.is_compiling():
+        torch._assert_async(((ids >= 0) & (ids < n)).all(), f"task ids must lie in [0, {n})")
+    elif int(ids.min()) < 0 or int(ids.max()) >= n:
+        bad = sorted({i for i in ids.tolist() if not 0 <= i < n})
+        raise RoutingError(f"task ids must lie in [0, {n}); out of range: {bad[:8]}")
+    return ids
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
+    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
+
+    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
+    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly. A routed model
+    also takes them as a forward keyword, ``model(**batch, task_ids=ids)``, and
+    ``model.generate(..., task_ids=ids)`` repeats them for beams and returned sequences.
+    """
+    model = unwrap(model)
+    ids = checked_task_ids(model, task_ids)
+    routing = state_of(model).routing
+    previous = routing.task_ids
+    routing.task_ids = ids
     try:
         yield ids
     finally:
-        state.routing.task_ids = previous
+        routing.task_ids = previous
+
+
+# --- the task_ids keyword: instance-level forward and generate of a routed model ---------
+
+
+@functools.cache
+def _signature_with_task_ids(cls: Any) -> inspect.Signature:
+    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids``."""
+    signature = inspect.signature(cls.forward)
+    params = list(signature.parameters.values())[1:]
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
+
+
+class TaskIdsForward:
+    """The ``forward`` of a routed model's instance: its class's ``forward``, plus
+    ``task_ids=`` routed for the call (validated, restored afterwards, also on errors).
+    Its signature is the class's plus that keyword, so tools that read it (the Trainer's
+    column filter, ``generate``'s argument check) see it. A plain object holding the
+    model, so copies and pickles of the model keep it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cls: Any = type(model)
+        self.model = model
+        self.__signature__ = _signature_with_task_ids(cls)
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        forward = type(model).forward
+        if task_ids is None:
+            return forward(model, *args, **kwargs)
+        routing = state_of(model).routing
+        previous = routing.task_ids
+        routing.task_ids = checked_task_ids(model, task_ids)
+        try:
+            return forward(model, *args, **kwargs)
+        finally:
+            routing.task_ids = previous
+
+
+class TaskIdsGenerate:
+    """The ``generate`` of a routed model's instance: with ``task_ids=`` (or inside
+    ``route``) the ids stay routed for the whole call (an encoder sees the batch as given)
+    and are repeated for each example's beams and returned sequences
+    (``RoutingState.repeat``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+        model = self.model
+        routing = state_of(model).routing
+        before = routing.repeat
+        routing.repeat = True
+        try:
+            with route(model, task_ids) if task_ids is not None else contextlib.nullcontext():
+                return type(model).generate(model, *args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            routing.repeat = before
+
+
+def _install_keyword(model: nn.Module) -> None:
+    cls: Any = type(model)
+    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
+        model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
+    if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
+        model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
+
+
+def _remove_keyword(model: nn.Module) -> None:
+    for name, kind in (("forward", TaskIdsForward), ("generate", TaskIdsGenerate)):
+        if isinstance(vars(model).get(name), kind):
+            del model.__dict__[name]
 
 
 def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | None = None, **args: Any) -> nn.Module:
@@ -296,6 +497,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     ``save`` writes the merged model and ``load`` onto a fresh base reproduces it.
     :func:`unmerge` undoes the last merge; :func:`detach` undoes everything.
     """
+    model = unwrap(model)
     state = state_of(model)
     current = sites(model)
     if not current or state.recipe is None:
@@ -323,6 +525,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     state.undo.append((dict(current), state.recipe, dict(state.folded)))
     _install_folds(model, state, folds)
     for site_name, site in kept.items():
+        site.train(current[site_name].training)
         model.set_submodule(site_name, site)
     state.recipe = recipe
     state.n_tasks = _n_tasks(kept)
@@ -334,7 +537,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
 def _install_folds(model: nn.Module, state: AttachState, folds: Mapping[str, tuple[AdapterSite, Tensor]]) -> None:
     for site_name, (plain, delta) in folds.items():
         weight = _base_weight(plain)
-        weight += delta.to(weight.dtype)
+        weight.copy_(weight + delta)  # summed in the wider dtype (a float32 delta on a bf16 base), rounded once
         model.set_submodule(site_name, plain.base)
         state.folded[site_name] = plain
 
@@ -394,12 +597,13 @@ def _plain(value: Any) -> Any:
 def _unfold(folded: Mapping[str, AdapterSite]) -> None:
     for plain in folded.values():
         weight = _base_weight(plain)
-        weight -= plain.delta_weight().to(weight.dtype)
+        weight.copy_(weight - plain.delta_weight())
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo the last :func:`merge`: the sites it replaced come back, folded updates are
     subtracted from their base weights (exact up to float rounding of ``(W + d) - d``)."""
+    model = unwrap(model)
     state = state_of(model)
     if not state.undo:
         raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
@@ -417,22 +621,27 @@ def detach(model: nn.Module) -> nn.Module:
     """Remove every adapter: the original modules come back at every site, folded updates
     are subtracted from their base weights (to float tolerance) and every parameter gets
     its ``requires_grad`` from before :func:`attach`. Returns the model."""
+    model = unwrap(model)
     state = state_of(model)
     _unfold(state.folded)
+    _put_saved(model, state.saved)
     for name, original in state.originals.items():
         model.set_submodule(name, original)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    _remove_keyword(model)
     delattr(model, STATE_ATTR)
     return model
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the bare base model inside the block: every site's base module stands in for it.
+    """Run the bare base model inside the block: every site's base module stands in for it
+    and the modules to save hold their original tensors (the trained ones come back after).
 
     Refused when updates were folded into base weights (the bare weights are gone until
     :func:`unmerge` or :func:`detach`)."""
+    model = unwrap(model)
     state = state_of(model)
     if state.folded:
         raise AdapterkitError(f"cannot disable adapters folded into base weights ({_short(state.folded)}); "
@@ -440,9 +649,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     current = sites(model)
     for name, site in current.items():
         model.set_submodule(name, site.base)
+    trained = _put_saved(model, state.saved)
     try:
         yield model
     finally:
+        _put_saved(model, trained)
         for name, site in current.items():
             model.set_submodule(name, site)
 
@@ -457,6 +668,7 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
     (``adapterkit plugins`` lists them), in place; returns the mode (it may know a compact
     per-task state, :meth:`~adapterkit.roles.AdaptMode.compact_state`). The model's recipe
     is re-derived from its sites and the step recorded."""
+    model = unwrap(model)
     state = state_of(model)
     host = host or get_host()
     cls = host.adapt_modes[mode]
@@ -475,10 +687,12 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
 
 def replace_sites(model: nn.Module, new: Mapping[str, AdapterSite]) -> None:
     """Put new sites in place of current ones (for adaptation modes); names must be sites."""
+    model = unwrap(model)
     current = sites(model)
     for name, site in new.items():
         if name not in current:
             raise AdapterkitError(f"{name!r} is not an adapter site of this model")
+        site.train(current[name].training)
         model.set_submodule(name, site)
 
 
@@ -498,32 +712,75 @@ def describe(
     all the ``attached`` sites, else the exact site names. Every site must agree.
     """
     host = host or get_host()
-    described = {_describe_site(site, origin, host) for site in found.values()}
-    if len(described) != 1:
-        raise AdapterkitError(f"the sites no longer share one recipe ({len(described)} variants); "
+    described = [_describe_site(name, site, origin, host) for name, site in found.items()]
+    variants = {text for text, *_ in described}
+    split = _split_args(described, host.kinds[json.loads(next(iter(variants)))["adapter"]["kind"]]) \
+        if len(variants) == 1 else None
+    if split is None:
+        raise AdapterkitError(f"the sites no longer share one recipe ({max(len(variants), 2)} variants); "
                               "a merger must leave every site of the same kind and roles")
-    recipe = Recipe.from_dict(json.loads(described.pop()))
+    kind_args, overrides = split
+    data = json.loads(variants.pop())
+    data["adapter"].update(kind_args)
+    if overrides:
+        data["adapter"]["overrides"] = overrides
+    if origin.modules_to_save:
+        data["adapter"]["modules_to_save"] = list(origin.modules_to_save)
+    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
+    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
+    recipe = Recipe.from_dict(data)
     if attached is not None and set(found) != set(attached):
         recipe = attrs.evolve(recipe, targets=tuple("re:" + re.escape(n) for n in found))
     return recipe
 
 
-def _describe_site(site: AdapterSite, origin: Recipe, host: PluginHost) -> str:
+Described = tuple[str, dict[str, Any], "str | None", dict[str, Any]]
+
+
+def _describe_site(name: str, site: AdapterSite, origin: Recipe, host: PluginHost) -> Described:
+    """The site's recipe without kind arguments (JSON), its kind arguments, the ``overrides``
+    pattern of ``origin`` they are relative to (``None``: the recipe's own), and every field
+    of its kind config."""
     kind = _registered_name(host, "kind", type(site), origin.kind)
-    given = origin.kind_args if kind == origin.kind else {}
+    pattern = override_for(origin, name) if kind == origin.kind else None
+    given = origin.site_args(pattern) if kind == origin.kind else {}
     data: dict[str, Any] = {
         "seed": origin.seed,
-        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills,
-                    **_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}")},
+        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills},
     }
     for role, obj in (("splitter", site.splitter), ("sampler", site.sampler), ("router", site.router)):
         spec = origin.role(role)
-        name = _registered_name(host, role, type(obj), spec.name)
-        given = spec.args if name == spec.name else {}
-        data[role] = {"name": name, **_args(obj.config, host.registries[role][name], given, f"{role} {name!r}")}
-    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
-    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
-    return json.dumps(_plain(data), sort_keys=True)
+        role_name = _registered_name(host, role, type(obj), spec.name)
+        role_given = spec.args if role_name == spec.name else {}
+        data[role] = {"name": role_name, **_args(obj.config, host.registries[role][role_name], role_given,
+                                                 f"{role} {role_name!r}")}
+    args = _plain(_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}"))
+    fields = {f.name: _plain(getattr(site.config, f.name)) for f in attrs.fields(type(site.config))}
+    return json.dumps(_plain(data), sort_keys=True), args, pattern, fields
+
+
+def _split_args(
+    described: Sequence[Described], kind_cls: type
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """The recipe's kind arguments and the ``overrides`` (only the fields in which sites
+    differ from those arguments) of described sites; ``None`` when they disagree."""
+    plain = [args for _, args, pattern, _ in described if pattern is None]
+    if plain:
+        base = plain[0]
+        if any(args != base for args in plain):
+            return None
+    else:  # every site is under an override: the arguments they all share are the base
+        first = described[0][1]
+        base = {k: v for k, v in first.items() if all(d[1].get(k) == v for d in described)}
+    reference = build_config(kind_cls, base, "adapter kind")
+    overrides: dict[str, dict[str, Any]] = {}
+    for _, _, pattern, fields in described:
+        if pattern is None:
+            continue
+        diff = {k: v for k, v in fields.items() if _plain(getattr(reference, k)) != v}
+        if overrides.setdefault(pattern, diff) != diff:
+            return None
+    return base, {p: d for p, d in overrides.items() if d}
 
 
 def _registered_name(host: PluginHost, role: str, cls: type, preferred: str) -> str:
@@ -550,6 +807,7 @@ def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[s
 
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model`` holds adapterkit state (adapters attached, perhaps merged or folded)."""
+    model = unwrap(model)
     return hasattr(model, STATE_ATTR)
 
 
@@ -567,5 +825,6 @@ def history(model: nn.Module) -> list[dict[str, Any]]:
 def folded_sites(model: nn.Module) -> dict[str, AdapterSite]:
     """The plain sites whose updates were folded into their base weights, by module name
     (``{}`` for a model without adapterkit state)."""
+    model = unwrap(model)
     state = getattr(model, STATE_ATTR, None)
     return dict(state.folded) if state is not None else {}

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import click
 
     from .objectives import Objective
+    from .peft_format import PeftFormat
     from .registry import Registry
     from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
     from .site import AdapterSite
@@ -117,6 +118,17 @@ def adapterkit_register_objectives(registry: Registry[Objective]) -> None:
 
     :param registry: add :class:`~adapterkit.objectives.Objective` subclasses by name; the
         name is what workflow configs write in ``[model] objective``.
+    """
+
+
+@hookspec
+def adapterkit_register_peft_formats(registry: Registry[PeftFormat]) -> None:
+    """Register PEFT adapter formats: how a PEFT ``peft_type`` converts to adapterkit and back
+    (``adapterkit import``/``export --peft``, :func:`adapterkit.import_peft`, :func:`adapterkit.export_peft`).
+
+    :param registry: add :class:`~adapterkit.peft_format.PeftFormat` subclasses by PEFT's
+        ``peft_type`` (e.g. ``"LORA"``, ``"POLY"``); a PEFT folder of that type imports
+        through it and the sites it ``owns`` export through it.
     """
 
 

@@ -21,10 +21,15 @@ here, by job:
   ``site.delta_weight()`` (kinds that are linear in their input implement it).
 - **Model helpers**: :func:`sites`, :func:`replace_sites` (adaptation modes),
   :func:`mix_skills`, :func:`batched_linear`, :func:`factory_kwargs`.
+- **Adapter precision**: a kind whose ``Config`` has ``dtype`` (one of :data:`ADAPTER_DTYPES`:
+  ``"float32"``, ``"base"``) gets float32 adapters over a float16/bfloat16 base by default.
 - **Low-rank factors** (mergers): :func:`concat_factors` (a weighted sum of LoRA updates,
   exactly), :func:`truncate` and :func:`factorize` (best rank-n by SVD), :func:`effective_rank`.
 - **Config validators** (attrs, one-line messages): :func:`positive`, :func:`probability`,
   :func:`one_of`; errors :class:`AdapterkitError`, :class:`RecipeError`.
+- **PEFT formats** (``adapterkit_register_peft_formats``): :class:`PeftFormat` by
+  ``peft_type``, :class:`PeftInteropError`, :func:`empty` (a PEFT "unused" value); the
+  folder helpers :func:`read_peft`, :func:`from_peft`, :func:`load_converted`.
 - **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
   :class:`Split`, :class:`WorkflowModel`; objectives :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
   :class:`Predictions`, the built-in :class:`Classification` and the helpers
@@ -51,6 +56,8 @@ from .objectives import (
     routing,
     task_indices,
 )
+from .peft_format import PeftFormat, PeftInteropError, empty
+from .peft_interop import from_peft, load_converted, read_peft
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import (
@@ -67,7 +74,7 @@ from .roles import (
     SingleSkill,
     Splitter,
 )
-from .site import AdapterSite, batched_linear, factory_kwargs, mix_skills
+from .site import ADAPTER_DTYPES, AdapterSite, batched_linear, factory_kwargs, mix_skills
 from .storage import load_tensors, parse_options, save_tensors
 from .validators import (
     at_most,
@@ -79,9 +86,11 @@ from .validators import (
     positive_number,
     probability,
 )
+from .wording import plural
 from .zoo import Backbone, Dataset, Example, Split, WorkflowModel
 
 __all__ = [
+    "ADAPTER_DTYPES",
     "AdaptMode",
     "AdapterSite",
     "AdapterkitError",
@@ -98,6 +107,8 @@ __all__ = [
     "Merger",
     "Objective",
     "Partition",
+    "PeftFormat",
+    "PeftInteropError",
     "Predictions",
     "Projection",
     "ProjectionSpec",
@@ -115,9 +126,12 @@ __all__ = [
     "concat_factors",
     "device_of",
     "effective_rank",
+    "empty",
     "factorize",
     "factory_kwargs",
+    "from_peft",
     "hookimpl",
+    "load_converted",
     "load_tensors",
     "mix_skills",
     "at_most",
@@ -126,9 +140,11 @@ __all__ = [
     "one_of",
     "optional",
     "parse_options",
+    "plural",
     "positive",
     "positive_number",
     "probability",
+    "read_peft",
     "replace_sites",
     "routing",
     "save_tensors",

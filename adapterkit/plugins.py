@@ -25,6 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .objectives import Objective
+from .peft_format import PeftFormat
 from .registry import Registry
 from .roles import AdaptMode, LossTerm, Merger, Router, Sampler, Splitter
 from .site import AdapterSite
@@ -48,6 +49,7 @@ ROLE_HOOKS: dict[str, tuple[str, str, type]] = {
     "backbone": ("adapterkit_register_backbones", "backbone", Backbone),
     "dataset": ("adapterkit_register_datasets", "dataset", Dataset),
     "objective": ("adapterkit_register_objectives", "objective", Objective),
+    "peft_format": ("adapterkit_register_peft_formats", "PEFT format", PeftFormat),
 }
 
 
@@ -151,6 +153,10 @@ class PluginHost:
     @property
     def objectives(self) -> Registry[Objective]:
         return self.registries["objective"]
+
+    @property
+    def peft_formats(self) -> Registry[PeftFormat]:
+        return self.registries["peft_format"]
 
     # loading ----------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:

@@ -8,6 +8,9 @@ A recipe is a frozen attrs object, loadable from a dict or TOML::
     targets = ["query", "value"]
     skills = 1               # K, the size of the skill inventory
     r = 8                    # ...any other key is an argument of the kind
+    modules_to_save = ["classifier"]   # base modules trained fully and saved with the adapter
+    [adapter.overrides]      # per-site kind arguments (PEFT's rank_pattern/alpha_pattern)
+    value = { r = 16, alpha = 32 }
     [splitter]
     name = "mosa"
     n_cells = 4              # ...any other key is an argument of the role
@@ -58,13 +61,39 @@ def _role(default: str) -> Any:
     return attrs.field(factory=lambda: RoleSpec(default))
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise RecipeError("recipe key 'adapter.modules_to_save' must be a list of module name patterns, "
+                          f"got {type(value).__name__}")
+    return tuple(value)
+
+
+def _overrides(value: Mapping[str, Mapping[str, Any]] | None) -> Mapping[str, Mapping[str, Any]]:
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise RecipeError("recipe key 'adapter.overrides' must map site patterns to tables of kind arguments")
+    return {k: dict(v) for k, v in value.items()}
+
+
+RESERVED_ARGS = ("kind", "targets", "skills", "modules_to_save", "overrides")
+
+
 @attrs.frozen
 class Recipe:
-    """Adapter kind + arguments, target module patterns, and the four roles."""
+    """Adapter kind + arguments, target module patterns, and the four roles.
+
+    ``overrides`` maps a site pattern (matched like ``targets``) to kind arguments that
+    replace ``kind_args`` at the sites it matches (at most one pattern per site);
+    ``modules_to_save`` names base modules (matched like ``targets``) that train fully and
+    are saved with the adapter (heads, LayerNorms).
+    """
 
     kind: str
     targets: tuple[str, ...] = attrs.field(converter=_targets)
     kind_args: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_mapping)
+    overrides: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_overrides)
+    modules_to_save: tuple[str, ...] = attrs.field(default=(), converter=_names)
     skills: int = attrs.field(default=1, validator=keyed(at_most(MAX_SKILLS), RecipeError, "recipe key"))
     splitter: RoleSpec = _role("dense")
     sampler: RoleSpec = _role("all")
@@ -77,16 +106,37 @@ class Recipe:
         if not value or not all(isinstance(t, str) and t for t in value):
             raise RecipeError("recipe key 'adapter.targets' must be a non-empty list of module name patterns")
 
+    @modules_to_save.validator
+    def _check_saved(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:  # type: ignore[type-arg]
+        if not all(isinstance(t, str) and t for t in value):
+            raise RecipeError("recipe key 'adapter.modules_to_save' must be a list of module name patterns")
+
+    @overrides.validator
+    def _check_overrides(self, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:  # type: ignore[type-arg]
+        for pattern, args in value.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise RecipeError("recipe key 'adapter.overrides' needs non-empty site patterns as keys")
+            bad = sorted(k for k in args if not isinstance(k, str) or k in RESERVED_ARGS)
+            if bad:
+                raise RecipeError(f"recipe key 'adapter.overrides.{pattern}' may set kind arguments only, "
+                                  f"not {bad[0]!r}")
+
+    def site_args(self, pattern: str | None) -> dict[str, Any]:
+        """The kind arguments at a site matched by override ``pattern`` (``None``: no override)."""
+        return {**self.kind_args, **(self.overrides[pattern] if pattern is not None else {})}
+
     def role(self, role: str) -> RoleSpec:
         spec: RoleSpec = getattr(self, role)
         return spec
 
     def to_dict(self) -> dict[str, Any]:
         """The plain-dict form that :meth:`from_dict` reads back (JSON/TOML friendly)."""
-        out: dict[str, Any] = {
-            "seed": self.seed,
-            "adapter": {"kind": self.kind, "targets": list(self.targets), "skills": self.skills, **self.kind_args},
-        }
+        adapter = {"kind": self.kind, "targets": list(self.targets), "skills": self.skills, **self.kind_args}
+        if self.overrides:  # (absent when unused: older files and digests stay as they were)
+            adapter["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        if self.modules_to_save:
+            adapter["modules_to_save"] = list(self.modules_to_save)
+        out: dict[str, Any] = {"seed": self.seed, "adapter": adapter}
         for role in ROLES:
             out[role] = self.role(role).to_dict()
         return out
@@ -105,6 +155,8 @@ class Recipe:
         except KeyError as missing:
             raise RecipeError(f"recipe table [adapter] needs key {missing.args[0]!r}") from None
         skills = adapter.pop("skills", 1)
+        overrides = adapter.pop("overrides", None) or {}
+        saved = adapter.pop("modules_to_save", None) or ()
         roles = {}
         for role in ROLES:
             table = dict(_table(data, role, required=False))
@@ -113,7 +165,8 @@ class Recipe:
         seed = data.get("seed", 0)
         if not isinstance(seed, int):
             raise RecipeError(f"recipe key 'seed' must be an integer, got {seed!r}")
-        return cls(kind=kind, targets=targets, kind_args=adapter, skills=skills, seed=seed, **roles)
+        return cls(kind=kind, targets=targets, kind_args=adapter, overrides=overrides, modules_to_save=saved,
+                   skills=skills, seed=seed, **roles)
 
     @classmethod
     def from_toml(cls, text: str) -> Recipe:

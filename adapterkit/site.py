@@ -21,10 +21,14 @@ from .roles import Configurable, Partition, Projection, ProjectionSpec, Router, 
 
 
 class RoutingState:
-    """Task ids shared by every routed site of one model (set by ``adapterkit.route``)."""
+    """Task ids shared by every routed site of one model (set by ``adapterkit.route`` or the
+    ``task_ids=`` keyword). ``repeat`` (on during ``generate``) lets a batch that is a whole
+    multiple of the ids take each id for consecutive examples, as beams and returned
+    sequences repeat each example (``repeat_interleave``)."""
 
     def __init__(self) -> None:
         self.task_ids: Tensor | None = None
+        self.repeat = False
 
 
 def mix_skills(weight: Tensor, routing: Tensor | None, partition: Partition) -> Tensor:
@@ -78,6 +82,12 @@ class AdapterSite(Configurable, nn.Module):
     module and raising ``ValueError`` with a reason when it does not fit) and
     ``forward``. Parameters in :attr:`projections` and the router train; ``base`` is
     frozen by ``attach``.
+
+    Adapter tensors live on the base's device, in the base's dtype unless the kind's
+    ``Config`` has a ``dtype`` field (see :func:`factory_kwargs`): ``"float32"`` keeps them
+    in float32 over a float16/bfloat16 base (PEFT's default), ``"base"`` matches the base.
+    Such a kind's ``forward`` runs its path in the adapter dtype and adds the update to the
+    base output cast to the output's dtype.
     """
 
     kind: ClassVar[str] = ""
@@ -104,7 +114,7 @@ class AdapterSite(Configurable, nn.Module):
         self.sampler = sampler
         self.routing = routing
         self.projections = nn.ModuleDict()
-        factory = factory_kwargs(base)
+        factory = factory_kwargs(base, getattr(self.config, "dtype", "base"))
         for spec in self.projection_specs(base, self.config):
             partition = splitter.split(spec, skills, generator)
             sampler.check(partition)
@@ -120,8 +130,9 @@ class AdapterSite(Configurable, nn.Module):
         if self.router.needs_inputs:  # per-token routing on the layer input (Router.needs_inputs)
             features = self.input_features()
             if features is None:
-                raise ValueError(f"router {type(self.router).__name__} routes each token on the layer input; "
-                                 f"kind {self.kind!r} cannot mix its skills per token (use a LoRA)")
+                raise ValueError(f"router {type(self.router).__name__} routes each token on the layer input; kind "
+                                 f"{self.kind!r} cannot mix its skills per token on {type(base).__name__} "
+                                 "(use a LoRA on nn.Linear or Conv1D)")
             self.router.setup_inputs(features)
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
@@ -144,14 +155,27 @@ class AdapterSite(Configurable, nn.Module):
         partition: Partition = self.projections[name].partition  # type: ignore[assignment]
         return partition
 
+    def task_ids(self, batch: int) -> Tensor | None:
+        """The task ids for a batch of ``batch`` examples: as routed, or repeated for
+        consecutive examples under ``RoutingState.repeat`` (shapes only: no host sync)."""
+        task_ids = self.routing.task_ids
+        if task_ids is not None and self.routing.repeat and 1 < task_ids.shape[0] < batch:
+            if batch % task_ids.shape[0]:
+                raise RoutingError(
+                    f"site {self.site_name!r}: {task_ids.shape[0]} task ids for a batch of {batch}, "
+                    "which is not a whole multiple (generate repeats each example's id for its beams)"
+                )
+            task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])
+        return task_ids
+
     def routing_weights(self, batch: int) -> Tensor | None:
         """Skill weights ``(batch, H, K)`` for this forward, or ``None`` (one skill)."""
         if not self.router.needs_task_ids:
             return self.router(None)
-        task_ids = self.routing.task_ids
+        task_ids = self.task_ids(batch)
         if task_ids is None:
             raise RoutingError(
-                f"site {self.site_name!r} is routed: call the model inside "
+                f"site {self.site_name!r} is routed: call the model with `task_ids=` or inside "
                 "`with adapterkit.route(model, task_ids):`"
             )
         if task_ids.shape[0] != batch:
@@ -179,7 +203,7 @@ class AdapterSite(Configurable, nn.Module):
                     for name, module in self.projections.items()}
         index = None
         tasks = self.router.n_tasks
-        task_ids = self.routing.task_ids
+        task_ids = self.task_ids(batch) if self.router.needs_task_ids else None
         if (
             not self.training and self.router.needs_task_ids and isinstance(tasks, int) and 1 < tasks < batch
             and task_ids is not None and task_ids.shape[0] == batch
@@ -278,9 +302,16 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def factory_kwargs(base: nn.Module) -> dict[str, Any]:
-    """``device``/``dtype`` of the first floating parameter of ``base``, for new adapter tensors."""
+ADAPTER_DTYPES = ("float32", "base")
+"""Values of a kind's ``Config.dtype`` (see :func:`factory_kwargs`)."""
+
+
+def factory_kwargs(base: nn.Module, dtype: str = "base") -> dict[str, Any]:
+    """``device``/``dtype`` for new adapter tensors: those of the first floating parameter of
+    ``base``; with ``dtype="float32"`` a float16/bfloat16 base gets float32 adapters (as PEFT
+    keeps them: updates and their gradients stay in full precision)."""
     for p in base.parameters():
         if p.is_floating_point():
-            return {"device": p.device, "dtype": p.dtype}
+            low = p.dtype in (torch.float16, torch.bfloat16)
+            return {"device": p.device, "dtype": torch.float32 if dtype == "float32" and low else p.dtype}
     return {}

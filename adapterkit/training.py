@@ -1,4 +1,4 @@
-"""Helpers any training loop can use: optimizer parameter groups."""
+"""Helpers any training loop can use: optimizer parameter groups, sampler progress."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def param_groups(
         router_lr = router_lr if router_lr is not None else lr
         groups.append({"params": routers, "lr": router_lr, "weight_decay": 0.0, "name": "routers"})
     return groups
+
+
+def set_progress(model: nn.Module, fraction: float) -> None:
+    """Report training progress in ``[0, 1]`` to every sampler of an attached model, once
+    each (``Sampler.set_progress``); loops call it before each step with ``step / total``."""
+    for sampler in {id(s.sampler): s.sampler for s in sites(model).values()}.values():
+        sampler.set_progress(fraction)
 
 
 def freeze_norm_statistics(model: nn.Module) -> nn.Module:

@@ -139,10 +139,10 @@ def floor_from_peft(peft_model: nn.Module, base: nn.Module, ids: TaskIds) -> nn.
 def make_models(base: nn.Module, targets: list[str], *, heads: int, skills: int, tasks: int, r: int,
                 device: torch.device) -> dict[str, Any]:
     """PEFT Poly with random non-zero weights, ours converted from it, the floor, the bare model."""
-    from adapterkit_poly import from_peft
-    from adapterkit_poly.peft_interop import load_converted
     from peft import PolyConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
+
+    from adapterkit.peft_interop import from_peft, load_converted
 
     base = base.to(device)
     peft_model = get_peft_model(copy.deepcopy(base), PolyConfig(r=r, n_tasks=tasks, n_skills=skills, n_splits=heads,

@@ -183,7 +183,7 @@ def save(
     names, e.g. a classifier head: ``load`` skips them, ``load_tensors(url, info.extra)``
     reads them.
     """
-    from ..attach import adapter_state_dict, describe, providers, sites, state_of
+    from ..attach import adapter_state_dict, describe, providers, sites, state_of, unwrap
 
     meta = dict(metadata or {})
     reserved = [k for k in meta if isinstance(k, str) and k.startswith(PREFIX)]
@@ -192,6 +192,7 @@ def save(
                            "belong to adapterkit")
     loc = resolve(url, storage_options, write=True)
     if isinstance(model_or_tensors, nn.Module):
+        model_or_tensors = unwrap(model_or_tensors)
         state = state_of(model_or_tensors)
         tensors = adapter_state_dict(model_or_tensors)
         plugins: dict[str, str] = {}
@@ -235,8 +236,9 @@ def load(
     ``strict`` (default) requires the file and the model to hold the same adapter tensors;
     otherwise tensors on only one side are skipped. Shapes must always match.
     """
-    from ..attach import adapter_state_dict, fold_sites, sites
+    from ..attach import adapter_state_dict, fold_sites, sites, unwrap
 
+    model = unwrap(model)
     loc = resolve(url, storage_options)
     data = read_all(loc, writable=False)
     header = parse_whole(data, url)
@@ -277,7 +279,13 @@ def _copy_into(model: nn.Module, targets: Mapping[str, Tensor], tensors: Mapping
         for n, t in tensors.items()
     )
     if not fast:
-        model.load_state_dict(dict(tensors), strict=False)
+        from ..attach import saved_module_key
+
+        def model_key(key: str) -> str:  # modules_to_save/<module>/<tensor> -> <module>.<tensor>
+            saved = saved_module_key(key)
+            return f"{saved[0]}.{saved[1]}" if saved else key
+
+        model.load_state_dict({model_key(k): v for k, v in tensors.items()}, strict=False)
         return
     for name, source in tensors.items():
         if source.numel():
@@ -354,21 +362,27 @@ def _match(
         if target is None:
             if strict:
                 where = site(name)
-                raise StorageError(f"cannot load {url!r}: site {where!r} of the adapter is not in the model "
+                raise StorageError(f"cannot load {url!r}: {_what(where)} of the adapter is not in the model "
                                    f"(tensor {name!r}); model sites: {_short(model_sites)}")
             continue
         if tuple(target.shape) != entry.shape:
             where = site(name)
             raise StorageError(
-                f"cannot load {url!r}: site {where!r}: {name[len(where) + 1:]} has shape {list(entry.shape)} "
+                f"cannot load {url!r}: {_what(where)}: {name[len(where) + 1:]} has shape {list(entry.shape)} "
                 f"in the file but {list(target.shape)} in the model"
             )
         wanted.append(entry)
     missing = [k for k in ours if k not in adapter]
     if strict and missing:
-        raise StorageError(f"cannot load {url!r}: site {site(missing[0])!r} of the model has no tensors in the file "
+        raise StorageError(f"cannot load {url!r}: {_what(site(missing[0]))} of the model has no tensors in the file "
                            f"(missing {missing[0]!r}); file sites: {_short(info.sites)}")
     return wanted
+
+
+def _what(where: str) -> str:
+    """``site 'x'``, or ``module to save 'x'`` for the modules_to_save namespace."""
+    prefix = "modules_to_save/"
+    return f"module to save {where[len(prefix):]!r}" if where.startswith(prefix) else f"site {where!r}"
 
 
 def _site_of(key: str, site_names: list[str]) -> str:
@@ -376,6 +390,8 @@ def _site_of(key: str, site_names: list[str]) -> str:
     for name in site_names:
         if key.startswith(name + "."):
             return name
+    if key.startswith("modules_to_save/"):  # modules_to_save/<module>/<tensor>
+        return key.rpartition("/")[0]
     return key.rpartition(".")[0]
 
 

@@ -438,7 +438,7 @@ def resolve_paths(data: Mapping[str, Any], base: str) -> dict[str, Any]:
     for section, key in PATH_KEYS:
         table = out.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and is_relative(table[key]):
-            table[key] = _join(base, table[key]) if base else table[key]
+            table[key] = _join(base, table[key])
     return out
 
 
@@ -455,6 +455,8 @@ def load(url: str, storage_options: Mapping[str, Any] | None = None) -> Workflow
 
 
 def _join(folder: str, path: str) -> str:
+    if not folder:
+        return path  # a config in the working directory (or a chained URL): as written
     scheme, sep, rest = folder.rpartition("://")
     return f"{scheme}{sep}{posixpath.normpath(posixpath.join(rest, path))}"
 
@@ -464,7 +466,7 @@ def _folder(url: str) -> str:
     if "::" in url:
         return ""  # chained URLs (simplecache::s3://...): relative paths stay as written
     scheme, sep, rest = url.rpartition("://")
-    folder = posixpath.dirname(rest if sep else os.path.abspath(url).replace(os.sep, "/"))
+    folder = posixpath.dirname(rest if sep else url.replace(os.sep, "/"))  # a relative config: relative paths
     return f"{scheme}{sep}{folder}" if sep else folder
 
 

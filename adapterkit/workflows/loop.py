@@ -30,7 +30,7 @@ from ..plugins import get_host
 from ..progress import progress
 from ..recipe import build_config
 from ..roles import LossTerm
-from ..training import freeze_norm_statistics
+from ..training import freeze_norm_statistics, set_progress
 from ..zoo import WorkflowModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CheckpointConfig, OptimConfig, TrainConfig
@@ -212,9 +212,7 @@ class Trainer:
         return self.loss_term(lambda: next(passes)(**inputs), task_loss)
 
     def _set_progress(self, step: int) -> None:
-        fraction = step / max(1, self.total)
-        for sampler in {id(s.sampler): s.sampler for s in sites(self.classifier.body).values()}.values():
-            sampler.set_progress(fraction)
+        set_progress(self.classifier.body, step / max(1, self.total))
 
     def fit(self, data: Encoded, *, start: int = 0, stop_at: int | None = None) -> int:
         """Train from step ``start`` to the end (or ``stop_at``); returns the last step."""

@@ -184,7 +184,7 @@ def load_trainable_state(classifier: WorkflowModel, tensors: Mapping[str, Tensor
         raise AdapterkitError(f"saved tensors do not fit this model's adapters: {detail}")
     with torch.no_grad():
         for name, value in tensors.items():
-            target = own[name]
+            target = own.get(name, expected[name])  # (modules_to_save/... keys: their state_dict tensors)
             if target.shape != value.shape:
                 raise AdapterkitError(
                     f"saved tensor {name!r} has shape {tuple(value.shape)}, the model {tuple(target.shape)}"

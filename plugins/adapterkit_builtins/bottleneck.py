@@ -3,7 +3,11 @@
 ``placement="parallel"`` (AdaptFormer / He et al.): ``out = module(*args) + s * adapter(h)``
 with ``h`` the module input named by ``input_arg``. ``placement="sequential"``
 (Houlsby / Pfeiffer): ``out = y + s * adapter(y)`` with ``y = module(*args)``.
-Tuple outputs (as from Hugging Face layers) are adapted on their first element.
+Tuple outputs (as from Hugging Face layers) are adapted on their first element. Feature
+sizes are read from the module's first and last sized layer (``nn.Linear``, transformers'
+``Conv1D``, convolutions, norms), which fits the common Hugging Face blocks (BERT's
+``BertOutput``/``BertSelfOutput``, GPT-2's ``GPT2MLP``/``GPT2Attention``, ``LlamaMLP``,
+T5's ``T5LayerFF``); elsewhere set ``d_in``/``d_out``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import attrs
 from torch import Tensor, nn
 
 from adapterkit.plugin_api import (
+    ADAPTER_DTYPES,
     AdapterSite,
     ProjectionSpec,
     batched_linear,
@@ -25,6 +30,7 @@ from adapterkit.plugin_api import (
 )
 
 from .init import kaiming_down, zeros
+from .layers import Conv1D
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
@@ -35,6 +41,8 @@ def feature_dims(module: nn.Module) -> tuple[int | None, int | None]:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             sized.append((m.in_features, m.out_features))
+        elif Conv1D.matches(m):  # transformers' (GPT-2): weight [in, out]
+            sized.append(Conv1D(m).dims())
         elif isinstance(m, nn.modules.conv._ConvNd):
             sized.append((m.in_channels, m.out_channels))
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
@@ -64,6 +72,7 @@ class Bottleneck(AdapterSite):
         channel_dim: int = -1  # 1 for NCHW feature maps
         d_in: int | None = attrs.field(default=None, validator=optional(positive))
         d_out: int | None = attrs.field(default=None, validator=optional(positive))
+        dtype: str = attrs.field(default="float32", validator=one_of(*ADAPTER_DTYPES))  # over a bf16/fp16 base
 
     def __init__(self, base: nn.Module, config: Any, **kwargs: Any) -> None:
         super().__init__(base, config, **kwargs)
@@ -73,17 +82,20 @@ class Bottleneck(AdapterSite):
         self.act = ACTIVATIONS[cfg.act]()
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.scale = cfg.scale if cfg.scale is not None else (0.1 if cfg.placement == "parallel" else 1.0)
-        self.norm.to(**factory_kwargs(base))
+        self.norm.to(**factory_kwargs(base, cfg.dtype))
 
     @classmethod
     def dims(cls, base: nn.Module, config: Any) -> tuple[int, int]:
         inferred_in, inferred_out = feature_dims(base)
         d_out = config.d_out or inferred_out
-        if config.placement == "sequential" or config.input_arg != 0:
+        follows = config.placement == "sequential" or config.input_arg != 0
+        if follows:
             inferred_in = d_out  # the adapter reads the output, or a residual-stream input
         d_in = config.d_in or inferred_in
         if d_in is None or d_out is None:
-            raise ValueError(f"cannot infer the feature size of {type(base).__name__}; set d_in and d_out")
+            unset = "d_out" if follows or d_in is not None else "d_in" if d_out is not None else "d_in and d_out"
+            raise ValueError(f"cannot infer the feature sizes of {type(base).__name__} (it holds no Linear, Conv1D, "
+                             f"convolution or norm layer); set {unset} in [adapter]")
         return d_in, d_out
 
     @classmethod
@@ -105,6 +117,7 @@ class Bottleneck(AdapterSite):
         if channels_first:
             h = h.movedim(self.config.channel_dim, -1)
         w = self.weights(h.shape[0])
+        h = h.to(w["down"].dtype)  # the adapter's precision (float32 over a bf16 base by default)
         z = batched_linear(self.norm(h), w["down"], w.get("down_bias"))
         z = batched_linear(self.dropout(self.act(z)), w["up"], w.get("up_bias")) * self.scale
         return z.movedim(-1, self.config.channel_dim) if channels_first else z
@@ -115,7 +128,7 @@ class Bottleneck(AdapterSite):
         if self.config.placement == "parallel":
             key = self.config.input_arg
             h = args[key] if isinstance(key, int) else kwargs[key]
-            y = y + self.adapter(h)
+            y = y + self.adapter(h).to(y.dtype)
         else:
-            y = y + self.adapter(y)
+            y = y + self.adapter(y).to(y.dtype)
         return (y, *out[1:]) if isinstance(out, tuple) else y

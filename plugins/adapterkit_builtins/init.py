@@ -24,3 +24,9 @@ def kaiming_down(value: Tensor, heads: int, generator: torch.Generator) -> None:
 @torch.no_grad()
 def zeros(value: Tensor, heads: int, generator: torch.Generator) -> None:
     value.zero_()
+
+
+@torch.no_grad()
+def normal(value: Tensor, heads: int, generator: torch.Generator) -> None:
+    """Standard normal (PEFT's ``lora_embedding_B``, whose ``A`` starts at zero)."""
+    value.copy_(torch.randn(value.shape, generator=generator))

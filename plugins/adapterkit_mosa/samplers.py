@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import attrs
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from adapterkit.plugin_api import Partition, Sampler
 
@@ -42,7 +42,7 @@ def _check_mix(instance: object, attribute: attrs.Attribute, value: tuple[float,
         raise ValueError(f"mix must be non-negative level weights with a positive sum, got {list(value)}")
 
 
-class HierarchicalSampler(Sampler):
+class HierarchicalSampler(Sampler, nn.Module):
     """Pick a level of a nested partition, then one of its cells uniformly.
 
     ``schedule = "fixed"``: levels drawn with probabilities ``mix`` (normalised; default
@@ -65,9 +65,15 @@ class HierarchicalSampler(Sampler):
             if value == "coarse-to-fine" and self.mix is not None:
                 raise ValueError("give either mix (a fixed level mix) or schedule = 'coarse-to-fine', not both")
 
+    progress: Tensor
+
     def __init__(self, config: Config | None = None) -> None:
-        super().__init__(config)
-        self.progress = torch.zeros(())  # fraction of training done, for the schedule
+        Sampler.__init__(self, config)
+        nn.Module.__init__(self)
+        # Fraction of training done, for the schedule. A buffer of the sampler module (which
+        # every site holds): saved with the adapter, so a loaded coarse-to-fine model
+        # evaluates at the progress it was saved at, and moved with the model's device.
+        self.register_buffer("progress", torch.zeros(()))
 
     def set_progress(self, fraction: float) -> None:
         """Training progress in ``[0, 1]`` (in place: compiled graphs see it without recompiling)."""

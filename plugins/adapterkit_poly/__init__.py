@@ -2,8 +2,8 @@
 
 Provides routers ``poly`` (alias ``mhr``: heads come from the splitter), ``private`` and
 ``uniform``; splitter ``mhr``; mergers ``average``, ``weighted`` and ``collapse``; few-shot
-adaptation (:func:`adapt`), :func:`unfold`, model soups (:func:`soup`) and PEFT import/export
-(:func:`import_peft`, :func:`export_peft`, CLI ``adapterkit import``/``export``).
+adaptation (:func:`adapt`), :func:`unfold`, model soups (:func:`soup`) and the PEFT ``POLY``
+format (:func:`adapterkit.import_peft`, :func:`adapterkit.export_peft`, ``adapterkit import``/``export``).
 
 Recipes (MiniLM, query/value)::
 
@@ -21,41 +21,31 @@ Recipes (MiniLM, query/value)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from adapterkit.plugin_api import AdaptMode, Merger, Registry, Router, Splitter, hookimpl
+from adapterkit.plugin_api import AdaptMode, Merger, PeftFormat, Registry, Router, Splitter, hookimpl
 
 from .adapt import MODE_CLASSES, MODES, adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing
 from .mergers import Average, Collapse, Weighted, soup, unfold
-from .peft_interop import export_peft, from_peft, import_peft, read_peft, to_peft, write_peft
+from .peft import PolyFormat
 from .routers import PolyRouter, PrivateRouter, UniformRouter
 from .splitter import MHRSplitter
-
-if TYPE_CHECKING:
-    import click
 
 __all__ = [
     "MODES",
     "Average",
     "Collapse",
     "MHRSplitter",
+    "PolyFormat",
     "PolyRouter",
     "PrivateRouter",
     "UniformRouter",
     "Weighted",
     "adapt",
-    "export_peft",
-    "from_peft",
-    "import_peft",
     "load_routing",
     "load_routing_state_dict",
-    "read_peft",
     "routing_state_dict",
     "save_routing",
     "soup",
-    "to_peft",
     "unfold",
-    "write_peft",
 ]
 
 
@@ -86,8 +76,5 @@ def adapterkit_register_adapt_modes(registry: Registry[AdaptMode]) -> None:
 
 
 @hookimpl
-def adapterkit_register_commands(cli: click.Group) -> None:
-    from .cli import export_command, import_command
-
-    cli.add_command(import_command)
-    cli.add_command(export_command)
+def adapterkit_register_peft_formats(registry: Registry[PeftFormat]) -> None:
+    registry.add("POLY", PolyFormat)

@@ -89,7 +89,9 @@ def test_no_site_matched_lists_names(builtin_host: PluginHost) -> None:
 def test_lora_on_non_linear_names_the_site(builtin_host: PluginHost) -> None:
     # the first site fits; the second does not: still nothing is attached
     message = attach_error(Tiny(), lora(["encoder.layer.0.attn.query", "encoder.layer.0.mlp.1"]), builtin_host)
-    assert message == "cannot attach: site 'encoder.layer.0.mlp.1': LoRA adapts nn.Linear, got GELU"
+    assert message == (
+        "cannot attach: site 'encoder.layer.0.mlp.1': LoRA adapts nn.Linear, Conv1D, nn.Embedding, nn.Conv2d; got GELU"
+    )
 
 
 def test_skills_without_router(builtin_host: PluginHost) -> None:
@@ -101,7 +103,8 @@ def test_bottleneck_dims_not_inferable(builtin_host: PluginHost) -> None:
     recipe = {"adapter": {"kind": "bottleneck", "targets": ["encoder.layer.0.mlp.1"]}}
     message = attach_error(Tiny(), recipe, builtin_host)
     assert message == (
-        "cannot attach: site 'encoder.layer.0.mlp.1': cannot infer the feature size of GELU; set d_in and d_out"
+        "cannot attach: site 'encoder.layer.0.mlp.1': cannot infer the feature sizes of GELU (it holds no Linear, "
+        "Conv1D, convolution or norm layer); set d_in and d_out in [adapter]"
     )
     fixed = {"adapter": {**recipe["adapter"], "d_in": 16, "d_out": 16, "r": 2}}
     model = adapterkit.attach(Tiny(), fixed, host=builtin_host)

@@ -40,12 +40,16 @@ def test_a_blocked_plugin_leaves_nothing_behind(blocked: str) -> None:
     names = {p["name"] for p in out["plugins"]}
     modes = "mhr-z" in out["adapt_help"] and "poly-mu" in out["adapt_help"]
     commands = {"import", "export"} <= {line.split()[0] for line in out["help"].splitlines() if line.startswith("  ")}
+    assert commands  # PEFT import/export come with the LoRA kind (builtins); Poly adds its format only
+    builtins = next(p for p in out["plugins"] if p["name"] == "builtins")
+    assert builtins["provides"]["peft_format"] == ["LORA"]
     if blocked == "poly":
-        assert "poly" not in names and not modes and not commands
+        assert "poly" not in names and not modes
         assert "unknown adaptation mode 'mhr-z'; available: none" in out["adapt"]
         assert "adapterkit_poly" not in out["modules"]
     else:
-        assert "poly" in names and modes and commands
+        assert "poly" in names and modes
+        assert next(p for p in out["plugins"] if p["name"] == "poly")["provides"]["peft_format"] == ["POLY"]
     if blocked == "mosa":
         assert "mosa" not in names and "adapterkit_mosa" not in out["modules"]
     else:

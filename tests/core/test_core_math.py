@@ -258,7 +258,7 @@ def test_route_mixes_skills_per_example(builtin_host: PluginHost, gen: torch.Gen
         torch.testing.assert_close(model(x[:1]), base(x[:1]) + x[:1] @ a[1] @ b[1], **TIGHT)
     assert model[0].routing.task_ids is None  # restored on exit
 
-    with pytest.raises(RoutingError, match=r"^site '0' is routed: call the model inside `with adapterkit.route"):
+    with pytest.raises(RoutingError, match=r"^site '0' is routed: call the model with `task_ids=` or inside `with"):
         model(x)
     with pytest.raises(RoutingError, match=r"^task ids must lie in \[0, 3\); out of range: \[3\]"):
         with adapterkit.route(model, [0, 3, 1, 1]):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from adapterkit_mosa import HierarchicalSampler, set_progress
 from adapterkit_mosa.cells import coarse_ids
-from mosa_testlib import CHI2_999, chi2_uniform, split_modules
+from mosa_testlib import CHI2_999, chi2_uniform, split_modules, tiny_bert
 
 import adapterkit
 from adapterkit.roles import Partition
@@ -62,3 +62,26 @@ def test_set_progress_reaches_the_model_sampler(make_model, batch) -> None:
             module.touched.zero_()
     sampler = next(iter(adapterkit.sites(model).values())).sampler
     assert float(sampler.progress) == 1.0
+
+
+def test_a_loaded_coarse_to_fine_adapter_evaluates_at_its_saved_progress(make_model, batch) -> None:
+    # the eval gates (and so the merge) depend on the schedule's progress: it is saved with the
+    # adapter (a buffer of the sampler module every site holds) and a fresh load evaluates alike
+    recipe = {"splitter": "hierarchical", "sampler": {"name": "hierarchical", "schedule": "coarse-to-fine"}}
+    model = make_model(**recipe)
+    with torch.no_grad():
+        for module in split_modules(model):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+    set_progress(model, 0.6)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    url = "memory://mosa-tests/coarse-to-fine.safetensors"
+    adapterkit.save(model, url)
+    fresh = adapterkit.load(url, tiny_bert()).eval()  # a fresh base: the file's recipe is attached
+    assert float(next(iter(adapterkit.sites(fresh).values())).sampler.progress) == pytest.approx(0.6)
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).last_hidden_state, expected)
+        set_progress(fresh, 0.0)
+        assert not torch.equal(fresh(**batch).last_hidden_state, expected)  # (the progress matters)

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from adapterkit_poly import adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing, to_peft
+from adapterkit_poly import adapt, load_routing, load_routing_state_dict, routing_state_dict, save_routing
 from polylib import output, poly_recipe, routed_t5, t5_inputs
 
 import adapterkit
 from adapterkit.errors import AdapterkitError, RoutingError
+from adapterkit.peft_interop import to_peft
 from adapterkit.training import param_groups
 
 

@@ -33,7 +33,7 @@ def test_import_then_export_round_trips_bit_exact(t5_base, tmp_path) -> None:
         reference = output(peft_model.base_model, inputs, task_ids=ids)
     assert (ours - reference).abs().max() <= 1e-5
 
-    result = runner.invoke(cli, ["export", url, str(tmp_path / "back")])
+    result = runner.invoke(cli, ["export", url, "--peft", str(tmp_path / "back")])
     assert result.exit_code == 0, result.output
     original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     back = load_file(tmp_path / "back" / "adapter_model.safetensors")
@@ -50,7 +50,7 @@ def test_cli_errors_are_one_line(t5_base, tmp_path) -> None:
 
     uniform = adapterkit.attach(copy.deepcopy(t5_base), poly_recipe(["q"], router="uniform"))
     adapterkit.save(uniform, str(tmp_path / "uniform.safetensors"))
-    result = runner.invoke(cli, ["export", str(tmp_path / "uniform.safetensors"), str(tmp_path / "out")])
+    result = runner.invoke(cli, ["export", str(tmp_path / "uniform.safetensors"), "--peft", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "collapse" in result.output
     assert result.output.strip().count("\n") == 0

@@ -1,4 +1,5 @@
-"""Parity with PEFT itself: Poly/MHR and LoRA, import and export, eval and training mode."""
+"""Parity with PEFT itself for the poly plugin's ``POLY`` format: Poly/MHR, import and export, eval
+and training mode (LoRA folders: tests/peft)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import json
 
 import pytest
 import torch
-from adapterkit_poly import export_peft, from_peft, import_peft, read_peft
-from adapterkit_poly.peft_interop import PeftInteropError
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.poly.layer import PolyLayer
-from polylib import MODELS, output, peft_poly, randomize
+from polylib import MODELS, output, peft_poly
 
 import adapterkit
+from adapterkit import PeftInteropError, export_peft, import_peft
 from adapterkit.errors import AdapterkitError
+from adapterkit.peft_interop import from_peft
 
 TOL = 1e-5
 CASES = [(model, heads) for model in MODELS for heads in (1, MODELS[model][3])]
@@ -67,67 +68,6 @@ def test_poly_import_export_parity(request: pytest.FixtureRequest, tmp_path, mod
     assert set(ours_grads) == set(expected)
     for key, grad in expected.items():
         torch.testing.assert_close(ours_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
-
-
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_lora_import_export_parity(request: pytest.FixtureRequest, tmp_path, model_name: str) -> None:
-    fixture, make_inputs, targets, _ = MODELS[model_name]
-    base = request.getfixturevalue(fixture)
-    inputs = make_inputs()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=targets)).eval()
-    randomize(peft_model, ("lora_",), seed=3, std=0.1)
-    peft_model.save_pretrained(tmp_path / "peft")
-    with torch.no_grad():
-        reference = output(peft_model, inputs)
-
-    ours = import_peft(copy.deepcopy(base), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        imported = output(ours, inputs)
-    assert (imported - reference).abs().max().item() <= TOL
-    assert (imported - output(base, inputs)).abs().max().item() > 1e-2  # the adapter does something
-
-    export_peft(ours, str(tmp_path / "back"))
-    back = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "back")).eval()
-    with torch.no_grad():
-        assert (output(back, inputs) - reference).abs().max().item() <= TOL
-
-
-def test_rslora_imports_with_its_scale(t5_base, tmp_path) -> None:
-    inputs = MODELS["t5"][1]()
-    config = LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=["q", "v"])
-    peft_model = get_peft_model(copy.deepcopy(t5_base), config).eval()
-    randomize(peft_model, ("lora_",), seed=4)
-    peft_model.save_pretrained(tmp_path / "peft")
-    ours = import_peft(copy.deepcopy(t5_base), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        assert (output(ours, inputs) - output(peft_model, inputs)).abs().max().item() <= TOL
-
-
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        (LoraConfig(r=4, target_modules=["q"], use_dora=True), "use_dora"),
-        (LoraConfig(r=4, target_modules=["q"], rank_pattern={"q": 2}), "rank_pattern"),
-        (LoraConfig(r=4, target_modules=["q"], bias="lora_only"), "bias"),
-        (LoraConfig(r=4, target_modules=["q"], modules_to_save=["wo"]), "modules_to_save"),
-    ],
-)
-def test_unsupported_peft_fields_are_refused(t5_base, tmp_path, config: LoraConfig, message: str) -> None:
-    get_peft_model(copy.deepcopy(t5_base), config).save_pretrained(tmp_path / "peft")
-    with pytest.raises(PeftInteropError, match=message):
-        import_peft(copy.deepcopy(t5_base), str(tmp_path / "peft"))
-
-
-def test_peft_folder_errors(t5_base, tmp_path) -> None:
-    with pytest.raises(PeftInteropError, match="no adapter_config.json"):
-        read_peft(str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    with pytest.raises(PeftInteropError, match="no adapter_model.safetensors"):
-        read_peft(str(tmp_path))
-    with pytest.raises(PeftInteropError, match="IA3"):
-        from_peft({"peft_type": "IA3"}, {})
-    with pytest.raises(PeftInteropError, match="unexpected tensor"):
-        from_peft({"peft_type": "LORA", "r": 4}, {"base_model.model.q.lora_embedding_A": torch.zeros(4, 4)})
 
 
 def test_export_refuses_what_peft_cannot_express(t5_base, tmp_path) -> None:

@@ -213,7 +213,7 @@ def test_model_without_the_target_modules(tmp_path: Any) -> None:
                                            r".*\(the adapter was made with: builtins 0.1.0\)$"):
         adapterkit.load(url, other)
     identity = torch.nn.Sequential(torch.nn.Identity())
-    with pytest.raises(StorageError, match=r"site '0': LoRA adapts nn.Linear, got Identity"):
+    with pytest.raises(StorageError, match=r"site '0': LoRA adapts nn.Linear, .*; got Identity"):
         adapterkit.load(url, identity)
 
 
