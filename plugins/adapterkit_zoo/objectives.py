@@ -7,7 +7,7 @@ eos`` with the loss on the target span only (prompt and padding labelled -100);
 Evaluation: perplexity of the targets (teacher-forced), and generation (greedy, or beam
 search with ``[eval] num_beams``) scored by exact match and, when the targets are class
 words, accuracy and macro-F1. Routed recipes get each example's task id around every
-forward and around ``generate``.
+forward and around ``generate`` (which repeats them for beams: ``adapterkit.route``).
 
 The loss is the mean over a batch's target tokens; under DDP each rank averages over its
 own tokens and DDP averages the ranks, which equals the single-process step when the
@@ -43,12 +43,6 @@ IGNORE = -100  # label of positions without loss (prompt, padding)
 
 def target_of(example: Example) -> str:
     return example.target if example.target is not None else example.label
-
-
-def beam_task_ids(task_ids: Tensor, num_beams: int) -> Tensor:
-    """Task ids for ``generate`` with beams: transformers repeats each example ``num_beams``
-    times consecutively. (To drop once ``adapterkit.route`` expands ids for beams itself.)"""
-    return task_ids.repeat_interleave(num_beams)
 
 
 class LanguageModel(WorkflowModel):
@@ -197,7 +191,7 @@ class CausalLM(TextToText):
         device = device_of(model)
         prompt = part.extra["prompt_ids"].to(device)
         tokenizer = model.backbone.tokenizer()
-        with routing(model, beam_task_ids(part.tasks.to(device), decoding.num_beams), routed):
+        with routing(model, part.tasks.to(device), routed):  # a routed generate repeats them per beam
             out = model.body.generate(  # type: ignore[operator]
                 input_ids=prompt, attention_mask=part.extra["prompt_mask"].to(device),
                 **_generation_args(tokenizer, decoding),
@@ -230,15 +224,11 @@ class Seq2Seq(TextToText):
     def _generate(self, model: WorkflowModel, part: Encoded, routed: bool, decoding: Decoding) -> Tensor:
         device = device_of(model)
         ids, mask = part.inputs["input_ids"].to(device), part.inputs["attention_mask"].to(device)
-        tasks = part.tasks.to(device)
         body: Any = model.body
-        # the encoder runs once per example, the decoder once per beam: route each its own ids
-        with routing(model, tasks, routed):
-            encoded = body.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
-        with routing(model, beam_task_ids(tasks, decoding.num_beams), routed):
-            out = body.generate(
-                encoder_outputs=encoded, attention_mask=mask, **_generation_args(model.backbone.tokenizer(), decoding)
-            )
+        # a routed generate routes the encoder per example and repeats the ids per beam for the decoder
+        with routing(model, part.tasks.to(device), routed):
+            args = _generation_args(model.backbone.tokenizer(), decoding)
+            out = body.generate(input_ids=ids, attention_mask=mask, **args)
         return out  # type: ignore[no-any-return]
 
 
