@@ -85,7 +85,7 @@ def local_folder(path: str, storage_options: Mapping[str, Any] | None = None) ->
 
 class HFModel(Backbone):
     """Any transformers model folder (see the module docstring); recipe targets name its
-    modules (Llama: ``q_proj``, ``v_proj``; T5: ``q``, ``v``; BERT: ``query``, ``value``)."""
+    modules (Llama: ``q_proj``, ``v_proj``; GPT-2: ``c_attn``; T5: ``q``, ``v``; BERT: ``query``, ``value``)."""
 
     modality = "text"
 

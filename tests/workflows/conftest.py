@@ -49,13 +49,14 @@ def s3_bucket(moto_endpoint: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def lm_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Hugging Face model folders of a tiny Llama and a tiny T5 with a word-level tokenizer
+    """Hugging Face model folders of a tiny Llama, GPT-2 and T5 with a word-level tokenizer
     (built once: see lm_helpers)."""
-    from lm_helpers import llama, t5, tokenizer
+    from lm_helpers import gpt2, llama, t5, tokenizer
 
     root = tmp_path_factory.mktemp("lm")
     tok = tokenizer()
-    return {"llama": llama(str(root / "llama"), tok), "t5": t5(str(root / "t5"), tok)}
+    return {"llama": llama(str(root / "llama"), tok), "gpt2": gpt2(str(root / "gpt2"), tok),
+            "t5": t5(str(root / "t5"), tok)}
 
 
 @pytest.fixture(autouse=True, scope="module")

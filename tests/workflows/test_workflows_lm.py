@@ -135,9 +135,14 @@ def _check_against_transformers(url: str, trained: dict[str, Any]) -> None:
             assert torch.equal(greedy, reference[prompt.shape[1]:] if causal else reference), i
 
 
-def test_causal_lm_resume_is_bit_identical(lm_folders: dict[str, str], mem: str) -> None:
+@pytest.mark.parametrize(("model", "targets"), [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"])])
+def test_causal_lm_resume_is_bit_identical(
+    lm_folders: dict[str, str], mem: str, model: str, targets: list[str]
+) -> None:
+    """An MHR inventory on a decoder stopped and resumed ends bit-identical (GPT-2: LoRA on its Conv1D layers)."""
+
     def config(url: str) -> workflows.WorkflowConfig:
-        cfg = lm_config(lm_folders["llama"], "causal-lm", ["q_proj", "v_proj"], train={"steps": 6, "batch_size": 8},
+        cfg = lm_config(lm_folders[model], "causal-lm", targets, train={"steps": 6, "batch_size": 8},
                         checkpoint={"url": url, "every": 2})
         cfg["recipe"]["adapter"]["dropout"] = 0.1  # per-example noise re-derived from (seed, step)
         return workflows.from_dict(cfg)
