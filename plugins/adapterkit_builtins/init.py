@@ -24,3 +24,12 @@ def kaiming_down(value: Tensor, heads: int, generator: torch.Generator) -> None:
 @torch.no_grad()
 def zeros(value: Tensor, heads: int, generator: torch.Generator) -> None:
     value.zero_()
+
+
+@torch.no_grad()
+def uniform_down(value: Tensor, heads: int, generator: torch.Generator) -> None:
+    """``value[K, d_in, r]``: ``U(-b, b)`` with ``b = 1/sqrt(3 d_in)`` over the full input,
+    whatever the heads (the Poly/MHR authors' A: mttl and polytropon; PEFT's per-head
+    Kaiming init is ``sqrt(3 heads)`` times wider)."""
+    bound = 1.0 / math.sqrt(3 * value.shape[1])
+    value.uniform_(-bound, bound, generator=generator)

@@ -9,16 +9,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from adapterkit.plugin_api import AdapterSite, ProjectionSpec, batched_linear, positive, probability
+from adapterkit.plugin_api import AdapterSite, ProjectionSpec, batched_linear, one_of, positive, probability
 
-from .init import kaiming_down, zeros
+from .init import kaiming_down, uniform_down, zeros
+
+A_INITS = {"kaiming": kaiming_down, "uniform": uniform_down}
 
 
 class LoRA(AdapterSite):
     """Low-rank update of a linear layer; ``A: [K, d_in, r]`` (down), ``B: [K, r, d_out]`` (up).
 
     ``scale = alpha / r``: ``alpha`` defaults to ``r`` (scale 1); Poly/MHR use ``alpha = 1``
-    (scale exactly ``1/r``).
+    (scale exactly ``1/r``). ``init_a``: ``kaiming`` (PEFT's, and ``nn.Linear``'s:
+    Kaiming-uniform per skill and head) or ``uniform`` (the Poly/MHR authors':
+    ``U(±1/sqrt(3 d_in))`` over the full input, ``sqrt(3 H)`` times narrower).
     """
 
     kind = "lora"
@@ -28,6 +32,7 @@ class LoRA(AdapterSite):
         r: int = attrs.field(default=8, validator=positive)
         alpha: float | None = None
         dropout: float = attrs.field(default=0.0, validator=probability)
+        init_a: str = attrs.field(default="kaiming", validator=one_of(*A_INITS))
 
         @property
         def scale(self) -> float:
@@ -43,7 +48,7 @@ class LoRA(AdapterSite):
         if not isinstance(base, nn.Linear):
             raise ValueError(f"LoRA adapts nn.Linear, got {type(base).__name__}")
         return [
-            ProjectionSpec("A", (base.in_features, config.r), "down", 0, kaiming_down),
+            ProjectionSpec("A", (base.in_features, config.r), "down", 0, A_INITS[config.init_a]),
             ProjectionSpec("B", (config.r, base.out_features), "up", 1, zeros),
         ]
 
