@@ -40,10 +40,11 @@ from .merger import MoSAMerger
 from .presets import NAMES as PRESETS
 from .presets import Preset, load_preset
 from .samplers import HierarchicalSampler, MoSASampler
-from .splitters import Hierarchical, MoSA, SparseDelta
+from .splitters import BiasCopies, Hierarchical, MoSA, SparseDelta
 
 __all__ = [
     "PRESETS",
+    "BiasCopies",
     "Consistency",
     "ConsistencyLoss",
     "Hierarchical",
