@@ -163,7 +163,9 @@ class AdaptModeChoice(click.ParamType):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=5e-3, show_default=True, type=float)
 @click.option(
-    "--router-lr", type=float, help="Learning rate of routing parameters (default: the inventory's router_lr, else 0.1)."
+    "--router-lr",
+    type=float,
+    help="Learning rate of routing parameters (default: the inventory's router_lr, else 0.1).",
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--init", default="uniform", show_default=True, help="New routing row: uniform, mean or random.")

@@ -210,7 +210,8 @@ class AdapterSite(Configurable, nn.Module):
         draws: dict[str, Tensor | None] = {}
         for name, module in self.projections.items():
             weight = self.drawn_with.get(name)
-            if weight is not None and weight in draws and self.partition(name).n_cells == self.partition(weight).n_cells > 1:
+            cells = self.partition(name).n_cells
+            if weight is not None and weight in draws and cells == self.partition(weight).n_cells > 1:
                 draws[name] = draws[weight]
             else:
                 draws[name] = self.sampler.gates(self.partition(name), training, _device_of(module))

@@ -36,7 +36,6 @@ from .loop import Echo, Trainer
 from .models import is_routed
 from .outputs import check_writable_prefix
 
-
 DEFAULT_ROUTER_LR = 0.1
 """Router learning rate of ``adapt`` when neither the call nor the inventory names one (the
 Poly/MHR reference code trains routing logits at 0.1)."""
