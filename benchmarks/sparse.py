@@ -27,7 +27,8 @@ from the 1,000 training examples (800 train / 200 validation, VTAB-1k's own prot
 curve (test macro-F1 of the merged adapter every ``--curve-every`` epochs). The low-resource
 sweep is too small to carve a validation split from and reuses each variant's rate from the
 ``airline`` cell. The digits cell (its tail of MBConv blocks costs about 7x a text step on
-this CPU) runs a 2-rate grid and 3 seeds (``DIGITS_PLAN``); the others 3 rates and 5 seeds. Paired per-seed differences with bootstrap 95% intervals test each claim.
+this CPU) runs a 2-rate grid and 3 seeds (``DIGITS_PLAN``); the others 3 rates and 5 seeds.
+Paired per-seed differences with bootstrap 95% intervals test each claim.
 
 Cost: the frozen, adapter-free prefix of each backbone runs once per example
 (:mod:`cached`), so a step costs only the adapted tail; nothing else is cut from the
@@ -67,9 +68,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import adapterkit  # noqa: E402
 from adapterkit.recipe import Recipe  # noqa: E402
-from adapterkit.workflows.loop import merged_copy  # noqa: E402
 from adapterkit.workflows.config import DataConfig, OptimConfig, TrainConfig  # noqa: E402
 from adapterkit.workflows.data import Encoded, encode, few_shot, resolve_dataset, subsample  # noqa: E402
+from adapterkit.workflows.loop import merged_copy  # noqa: E402
 from adapterkit.zoo import Example  # noqa: E402
 
 VARIANTS = ("adapter", "mosa", "mosa-noreg", "hierarchical", "lora", "mosa-lora")
