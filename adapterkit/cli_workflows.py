@@ -152,7 +152,11 @@ class AdaptModeChoice(click.ParamType):
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one few-shot set each).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=5e-3, show_default=True, type=float)
-@click.option("--router-lr", type=float, help="Learning rate of routing parameters (default: --lr).")
+@click.option(
+    "--router-lr",
+    type=float,
+    help="Learning rate of routing parameters (default: the inventory's router_lr, else 0.1).",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--init", default="uniform", show_default=True, help="New routing row: uniform, mean or random.")
 @click.option("--train-head/--freeze-head", default=None, help="Default: frozen for mhr-z, trained otherwise.")

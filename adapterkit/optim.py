@@ -17,7 +17,7 @@ Use :func:`adamw` for an attached model (it also applies the router learning rat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -137,13 +137,19 @@ def _cells_step(
 
 
 def adamw(
-    model: nn.Module, *, lr: float, weight_decay: float = 0.01, router_lr: float | None = None, **kwargs: Any
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.01,
+    router_lr: float | None = None,
+    no_decay: Sequence[str] = (),
+    **kwargs: Any,
 ) -> MaskedAdamW:
     """A :class:`MaskedAdamW` over an attached model's trainable parameters.
 
     Uses :func:`adapterkit.training.param_groups` (routers: own learning rate, no weight
-    decay) and every cell-sparse module of the model. For a model without cells it is
-    plain AdamW.
+    decay; parameters named with a ``no_decay`` word: no weight decay) and every
+    cell-sparse module of the model. For a model without cells it is plain AdamW.
     """
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, router_lr=router_lr)
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, router_lr=router_lr, no_decay=no_decay)
     return MaskedAdamW(groups, lr=lr, weight_decay=weight_decay, masked=cell_masked_modules(model), **kwargs)

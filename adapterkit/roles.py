@@ -40,6 +40,9 @@ class ProjectionSpec:
     head_axis: int | None
     init: Callable[[Tensor, int, torch.Generator], None]
     """``init(tensor[K, *shape], heads, generator)`` fills the tensor in place."""
+    bias_of: Side | None = None
+    """For a bias: the side whose weight it belongs to. A splitter may give each module copy
+    of that side its own bias (cells of the bias's own), drawn together with the weight."""
 
 
 @attrs.frozen

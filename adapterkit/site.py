@@ -115,7 +115,11 @@ class AdapterSite(Configurable, nn.Module):
         self.routing = routing
         self.projections = nn.ModuleDict()
         factory = factory_kwargs(base, getattr(self.config, "dtype", "base"))
-        for spec in self.projection_specs(base, self.config):
+        specs = self.projection_specs(base, self.config)
+        weight_of = {spec.side: spec.name for spec in reversed(specs) if spec.side is not None}
+        # a bias -> the weight projection of its side, whose draw it takes when it has cells
+        self.drawn_with = {s.name: weight_of[s.bias_of] for s in specs if s.bias_of in weight_of}
+        for spec in specs:
             partition = splitter.split(spec, skills, generator)
             sampler.check(partition)
             value = torch.empty(skills, *spec.shape)
@@ -198,9 +202,9 @@ class AdapterSite(Configurable, nn.Module):
         input (``Router.needs_inputs``) every weight stays ``[K, *shape]``: the kind mixes
         the skills' outputs per token.
         """
+        draws = self.draw(self.training)
         if self.router.needs_inputs:
-            return {name: module(self.sampler.gates(self.partition(name), self.training, _device_of(module)))
-                    for name, module in self.projections.items()}
+            return {name: module(draws[name]) for name, module in self.projections.items()}
         index = None
         tasks = self.router.n_tasks
         task_ids = self.task_ids(batch) if self.router.needs_task_ids else None
@@ -215,8 +219,7 @@ class AdapterSite(Configurable, nn.Module):
         out = {}
         for name, module in self.projections.items():
             partition = self.partition(name)
-            gates = self.sampler.gates(partition, self.training, _device_of(module))
-            mixed = mix_skills(module(gates), routing, partition)
+            mixed = mix_skills(module(draws[name]), routing, partition)
             if index is not None:
                 mixed = mixed[index]
             elif routing is not None and routing.shape[0] == 1:
@@ -224,16 +227,31 @@ class AdapterSite(Configurable, nn.Module):
             out[name] = mixed
         return out
 
+    def draw(self, training: bool) -> dict[str, Tensor | None]:
+        """The sampler's gates of every projection for one forward (eval: the activation
+        probabilities). A bias with cells of its own (one per module copy, see
+        ``ProjectionSpec.bias_of``) takes the draw of its side's weight: copy ``i`` runs whole."""
+        draws: dict[str, Tensor | None] = {}
+        for name, module in self.projections.items():
+            weight = self.drawn_with.get(name)
+            cells = self.partition(name).n_cells
+            if weight is not None and weight in draws and cells == self.partition(weight).n_cells > 1:
+                draws[name] = draws[weight]
+            else:
+                draws[name] = self.sampler.gates(self.partition(name), training, _device_of(module))
+        return draws
+
     @torch.no_grad()
     def expected_weights(self) -> dict[str, Tensor]:
         """Every projection's ``[K, *shape]`` weight under the sampler's eval gates: the
         expectation of the training-time weight (``W0 + p * D`` for split projections)."""
         out = {}
+        draws = self.draw(False)
         for name, module in self.projections.items():
             training = module.training
             module.eval()  # an eval forward marks no cell as used
             try:
-                value = module(self.sampler.gates(self.partition(name), False, _device_of(module)))
+                value = module(draws[name])
             finally:
                 module.train(training)
             out[name] = value.detach().clone()

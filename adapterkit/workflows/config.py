@@ -89,6 +89,14 @@ _optional_str = _as_config_key(optional(non_empty_str))
 DEFAULT_OBJECTIVE = "classification"
 
 
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    _check(
+        isinstance(value, list | tuple) and all(isinstance(v, str) and v for v in value),
+        f"config key {key!r} must be a list of names, e.g. [\"bias\"], got {value!r}",
+    )
+    return tuple(value)
+
+
 @attrs.frozen
 class ModelConfig:
     backbone: str = attrs.field(default="minilm", validator=_optional_str)
@@ -130,6 +138,9 @@ class OptimConfig:
     warmup: float = attrs.field(default=0.1, validator=_non_negative_float)
     schedule: str = attrs.field(default="cosine")
     grad_clip: float = attrs.field(default=0.0, validator=_non_negative_float)
+    eps: float = attrs.field(default=1e-8, validator=_non_negative_float)
+    no_decay: tuple[str, ...] = attrs.field(default=(), converter=lambda value: _names(value, "optim.no_decay"))
+    """Parameters whose name contains one of these get no weight decay (MoSA: ``["bias"]``)."""
 
     @schedule.validator
     def _check_schedule(self, attribute: attrs.Attribute, value: str) -> None:  # type: ignore[type-arg]

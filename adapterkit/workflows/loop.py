@@ -60,7 +60,10 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
 
     if not any(p.requires_grad for p in model.parameters()):
         raise AdapterkitError("nothing to train: every parameter is frozen")
-    return adamw(model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr)
+    return adamw(
+        model, lr=optim.lr, weight_decay=optim.weight_decay, router_lr=optim.router_lr, eps=optim.eps,
+        no_decay=optim.no_decay,
+    )
 
 
 def merged_copy(classifier: WorkflowModel, enabled: bool = True) -> tuple[WorkflowModel, str | None]:

@@ -107,8 +107,8 @@ class Bottleneck(AdapterSite):
         ]
         if config.bias:
             specs += [
-                ProjectionSpec("down_bias", (config.r,), None, None, zeros),
-                ProjectionSpec("up_bias", (d_out,), None, 0, zeros),
+                ProjectionSpec("down_bias", (config.r,), None, None, zeros, bias_of="down"),
+                ProjectionSpec("up_bias", (d_out,), None, 0, zeros, bias_of="up"),
             ]
         return specs
 

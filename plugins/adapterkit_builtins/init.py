@@ -30,3 +30,12 @@ def zeros(value: Tensor, heads: int, generator: torch.Generator) -> None:
 def normal(value: Tensor, heads: int, generator: torch.Generator) -> None:
     """Standard normal (PEFT's ``lora_embedding_B``, whose ``A`` starts at zero)."""
     value.copy_(torch.randn(value.shape, generator=generator))
+
+
+@torch.no_grad()
+def uniform_down(value: Tensor, heads: int, generator: torch.Generator) -> None:
+    """``value[K, d_in, r]``: ``U(-b, b)`` with ``b = 1/sqrt(3 d_in)`` over the full input,
+    whatever the heads (the Poly/MHR authors' A: mttl and polytropon; PEFT's per-head
+    Kaiming init is ``sqrt(3 heads)`` times wider)."""
+    bound = 1.0 / math.sqrt(3 * value.shape[1])
+    value.uniform_(-bound, bound, generator=generator)

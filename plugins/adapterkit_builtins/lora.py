@@ -12,8 +12,10 @@ from torch.nn import functional as F
 
 from adapterkit.plugin_api import ADAPTER_DTYPES, AdapterSite, ProjectionSpec, one_of, positive, probability
 
-from .init import kaiming_down, normal, zeros
+from .init import kaiming_down, normal, uniform_down, zeros
 from .layers import Embedding, Layer, layer_of
+
+A_INITS = {"kaiming": kaiming_down, "uniform": uniform_down}
 
 
 class LoRA(AdapterSite):
@@ -26,6 +28,9 @@ class LoRA(AdapterSite):
     (scale exactly ``1/r``). ``dtype``: ``"float32"`` (default) keeps ``A``/``B`` in float32
     over a float16/bfloat16 base, ``"base"`` matches the base. Every layer routes by task;
     mixing skills per token (routers on the layer input) needs ``nn.Linear`` or ``Conv1D``.
+    ``init_a``: ``kaiming`` (PEFT's, and ``nn.Linear``'s: Kaiming-uniform per skill and head)
+    or ``uniform`` (the Poly/MHR authors': ``U(±1/sqrt(3 p))`` over the full input,
+    ``sqrt(3 H)`` times narrower).
     """
 
     kind = "lora"
@@ -36,6 +41,7 @@ class LoRA(AdapterSite):
         alpha: float | None = None
         dropout: float = attrs.field(default=0.0, validator=probability)
         dtype: str = attrs.field(default="float32", validator=one_of(*ADAPTER_DTYPES))
+        init_a: str = attrs.field(default="kaiming", validator=one_of(*A_INITS))
 
         @property
         def scale(self) -> float:
@@ -58,7 +64,7 @@ class LoRA(AdapterSite):
             return [ProjectionSpec("A", (p, config.r), "down", 0, zeros),
                     ProjectionSpec("B", (config.r, q), "up", 1, normal)]
         return [
-            ProjectionSpec("A", (p, config.r), "down", 0, kaiming_down),
+            ProjectionSpec("A", (p, config.r), "down", 0, A_INITS[config.init_a]),
             ProjectionSpec("B", (config.r, q), "up", 1, zeros),
         ]
 

@@ -19,7 +19,8 @@ Registers splitters ``mosa`` and ``hierarchical``, samplers ``mosa`` and
 
 Train with :func:`adapterkit.optim.adamw` (inactive cells stay bit-identical) and,
 optionally, :func:`consistency_loss` (the loss term ``consistency`` in workflow configs:
-``[train.loss] name = "consistency"``); then ``adapterkit.merge(model)``.
+``[train.loss] name = "consistency"``; ``consistency-hidden`` adds the official Stanford Cars
+hidden-state term); then ``adapterkit.merge(model)``.
 
 Hierarchical sparsity (this project's reading of the paper's strategy; the released
 code lacks it): ``[splitter] name = "hierarchical"``, ``levels = [2, 4, 8]`` nests
@@ -35,16 +36,18 @@ from torch import nn
 
 from adapterkit.plugin_api import LossTerm, Merger, Registry, Sampler, Splitter, hookimpl, sites
 
-from .consistency import Consistency, ConsistencyLoss, consistency_loss, symmetric_kl
+from .consistency import Consistency, ConsistencyHidden, ConsistencyLoss, consistency_loss, hidden_mse, symmetric_kl
 from .merger import MoSAMerger
 from .presets import NAMES as PRESETS
 from .presets import Preset, load_preset
 from .samplers import HierarchicalSampler, MoSASampler
-from .splitters import Hierarchical, MoSA, SparseDelta
+from .splitters import BiasCopies, Hierarchical, MoSA, SparseDelta
 
 __all__ = [
     "PRESETS",
+    "BiasCopies",
     "Consistency",
+    "ConsistencyHidden",
     "ConsistencyLoss",
     "Hierarchical",
     "HierarchicalSampler",
@@ -54,6 +57,7 @@ __all__ = [
     "Preset",
     "SparseDelta",
     "consistency_loss",
+    "hidden_mse",
     "load_preset",
     "set_progress",
     "symmetric_kl",
@@ -86,3 +90,4 @@ def adapterkit_register_mergers(registry: Registry[Merger]) -> None:
 @hookimpl
 def adapterkit_register_losses(registry: Registry[LossTerm]) -> None:
     registry.add("consistency", Consistency)
+    registry.add("consistency-hidden", ConsistencyHidden)

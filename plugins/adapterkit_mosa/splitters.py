@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from adapterkit.plugin_api import Partition, Projection, ProjectionSpec, Splitter, one_of, positive
 
-from .cells import check_levels, random_cells
+from .cells import check_levels, id_dtype, random_cells
 
 SHARES = ("down", "up", "none")
 
@@ -75,15 +75,19 @@ class SparseDelta(nn.Module):
         """Per-element gate ``gates[cell_ids]`` (``[*shape]``), in the delta's dtype."""
         return gates.to(self.delta.dtype)[self.cell_ids.long()]
 
-    def forward(self, gates: Tensor | None) -> Tensor:
-        if gates is None:  # every cell active (e.g. the 'all' sampler)
+    def gated_delta(self, gates: Tensor | None) -> Tensor:
+        """``gates[cell_ids] * D`` (``None``: every cell active, e.g. the 'all' sampler);
+        a training forward marks the cells it uses."""
+        if gates is None:
             if self.training and torch.is_grad_enabled():
                 self.touched.fill_(True)
-            delta: Tensor = self.delta
-        else:
-            if self.training and torch.is_grad_enabled():
-                self.touched.logical_or_(gates > 0)
-            delta = self.element_gates(gates) * self.delta
+            return self.delta
+        if self.training and torch.is_grad_enabled():
+            self.touched.logical_or_(gates > 0)
+        return self.element_gates(gates) * self.delta
+
+    def forward(self, gates: Tensor | None) -> Tensor:
+        delta = self.gated_delta(gates)
         return delta if self.w0 is None else self.w0 + delta
 
     def cell_masks(self) -> Iterator[tuple[nn.Parameter, Tensor, Tensor]]:
@@ -95,14 +99,39 @@ class SparseDelta(nn.Module):
         return f"{self.spec.name}: cells={self.n_cells}, shape={tuple(self.delta.shape)}, w0={w0}"
 
 
+class BiasCopies(SparseDelta):
+    """Per-copy biases (the official code's default): copy ``i`` of a split side has its own
+    full bias ``b0 + D_i``. ``delta: [K, N, *shape]``; cell ``i`` is row ``i`` (``cell_ids``
+    ``[N, *shape]``), drawn with its side's weight (``ProjectionSpec.bias_of``), so the
+    training bias is copy ``i``'s and the eval gates ``1/N`` give the mean of the copies:
+    the official merge. Gates ``g`` in general: ``b0 + sum_i g_i D_i``."""
+
+    def __init__(self, spec: ProjectionSpec, partition: Partition, init_value: Tensor) -> None:
+        super().__init__(spec, partition, init_value)
+        self.delta = nn.Parameter(init_value.new_zeros(init_value.shape[0], *self.cell_ids.shape))
+
+    def forward(self, gates: Tensor | None) -> Tensor:
+        delta = self.gated_delta(gates).sum(1)
+        return delta if self.w0 is None else self.w0 + delta
+
+
+def copy_ids(shape: tuple[int, ...], n: int) -> Tensor:
+    """Cell ids ``[n, *shape]`` of ``n`` full copies: row ``i`` is cell ``i``."""
+    ids = torch.arange(n, dtype=id_dtype(n)).view(n, *(1,) * len(shape))
+    return ids.expand(n, *shape).clone()
+
+
 class MoSA(Splitter):
     """N disjoint random element-wise cells per split projection (MoSA's "split").
 
     ``share`` names the side every module shares (left whole): ``down`` (default; only
     ``up`` / LoRA ``B`` is split), ``up`` (only ``down`` / LoRA ``A``) or ``none`` (both).
-    Biases are never split. Cells are shared by the ``K`` skills of a projection, so
-    MoSA composes with routed methods. ``seed`` drives a CPU generator of its own (the
-    attach generator, which initialises weights, is left untouched).
+    Biases are never split: with ``bias_copies = false`` (the default) a split side keeps one
+    bias, trained at every step; with ``true`` each of the N modules has its own full bias
+    (:class:`BiasCopies`, as the official code's ``ADAPTER.BIAS``), merged by the mean.
+    Cells are shared by the ``K`` skills of a projection, so MoSA composes with routed
+    methods. ``seed`` drives a CPU generator of its own (the attach generator, which
+    initialises weights, is left untouched).
     """
 
     @attrs.frozen
@@ -110,6 +139,7 @@ class MoSA(Splitter):
         n_cells: int = attrs.field(default=4, validator=positive)
         share: str = attrs.field(default="down", validator=one_of(*SHARES))
         seed: int = 0
+        bias_copies: bool = False
 
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
@@ -123,7 +153,10 @@ class MoSA(Splitter):
 
     def split(self, spec: ProjectionSpec, skills: int, generator: torch.Generator) -> Partition:
         n = self.n_cells()
-        if spec.side is None or spec.side not in _split_sides(self.config.share) or n == 1:
+        sides = _split_sides(self.config.share)
+        if spec.side is None and spec.bias_of in sides and getattr(self.config, "bias_copies", False) and n > 1:
+            return Partition(n_cells=n, cell_ids=copy_ids(spec.shape, n), meta={**self.meta(), "copies": True})
+        if spec.side is None or spec.side not in sides or n == 1:
             return Partition()
         try:
             ids = random_cells(spec.shape, n, self.generator)
@@ -134,6 +167,8 @@ class MoSA(Splitter):
     def parameterize(self, spec: ProjectionSpec, partition: Partition, init_value: Tensor) -> nn.Module:
         if partition.n_cells == 1:
             return Projection(spec, partition, init_value)
+        if partition.meta.get("copies"):
+            return BiasCopies(spec, partition, init_value)
         return SparseDelta(spec, partition, init_value)
 
 

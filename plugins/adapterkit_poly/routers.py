@@ -63,7 +63,8 @@ class PolyRouter(TaskRouter):
 
     ``logits: [tasks, H*K]`` (PEFT's ``module_logits`` layout), init ``U(-init_range,
     init_range)``. Training: relaxed Bernoulli at ``temperature`` with fresh noise per
-    example and per layer; eval: ``sigmoid``; then normalised over skills (not softmax).
+    example and per layer (``relaxed = false``: the eval weights, a plain sigmoid, as the
+    MHR T0 configuration trains); eval: ``sigmoid``; then normalised over skills (not softmax).
     """
 
     needs_task_ids: ClassVar[bool] = True
@@ -74,6 +75,7 @@ class PolyRouter(TaskRouter):
         tasks: int = attrs.field(validator=positive)
         temperature: float = attrs.field(default=1.0, validator=positive_number)
         init_range: float = attrs.field(default=1e-3, validator=positive_number)
+        relaxed: bool = True  # False: no relaxed-Bernoulli noise in training
 
     def __init__(self, config: Any, *, heads: int, skills: int, generator: torch.Generator) -> None:
         super().__init__(config, heads=heads, skills=skills, generator=generator)
@@ -84,7 +86,7 @@ class PolyRouter(TaskRouter):
     def forward(self, task_ids: Tensor | None) -> Tensor:
         assert task_ids is not None  # the site checks before calling
         z = self.logits[task_ids].view(-1, self.heads, self.skills)
-        if self.training:
+        if self.training and self.config.relaxed:
             y = relaxed_bernoulli(z, self.config.temperature, torch.rand_like(z))
         else:
             y = torch.sigmoid(z)

@@ -55,38 +55,67 @@ def check_means(summary_row: dict[str, Any], runs: list[dict[str, Any]]) -> None
     assert summary_row["macro_f1_std"] == pytest.approx(spread)
 
 
+def check_comparisons(comparisons: list[dict[str, Any]]) -> None:
+    """Each paired comparison: the mean of its per-seed differences, inside its bootstrap
+    interval, and a verdict that follows from the interval."""
+    assert comparisons
+    for c in comparisons:
+        assert c["mean_diff"] == pytest.approx(statistics.fmean(c["diffs"]))
+        assert c["ci_low"] - 1e-12 <= c["mean_diff"] <= c["ci_high"] + 1e-12
+        expected = "holds" if c["ci_low"] > 0 else "fails" if c["ci_high"] < 0 else "within noise"
+        assert c["verdict"] == expected and c["wins"] == sum(d > 0 for d in c["diffs"])
+
+
 def test_sparse_quick(tmp_path: Any) -> None:
     payload = run_study("sparse", str(tmp_path))
-    variants, seeds = payload["variants"], payload["seeds"]
-    assert set(variants) == {"adapter", "mosa", "mosa-noreg", "hierarchical"}
+    seeds, lrs, budget = payload["seeds"], payload["lrs"], payload["budget"]
     results, summary = payload["results"], payload["summary"]
     check_metrics(results)
     check_metrics(summary)
-    cells = {(t["name"], s["name"]) for t in payload["tasks"] for s in t["settings"]}
-    assert {name for name, _ in cells} == {"digits", "airline"}
-    assert {setting for _, setting in cells} == {"full", "10-shot"}
-    for task, setting in cells:
+    assert all(v == 0.0 for v in payload["cache_check_max_abs_diff"].values())  # the cache is the full model
+    expected = {"digits": {"adapter", "mosa", "hierarchical"},
+                "airline": {"adapter", "mosa", "mosa-noreg", "hierarchical", "lora", "mosa-lora"},
+                "multitask": {"adapter", "mosa"},
+                **{f"lowres-{k}": {"adapter", "mosa", "hierarchical"} for k in payload["shots"]}}
+    final = [r for r in results if r["split"] == "test"]
+    assert {(r["cell"], r["variant"]) for r in final} == {(c, v) for c, vs in expected.items() for v in vs}
+    chosen = {(c["cell"], c["variant"]): c["lr"] for c in payload["chosen_lr"]}
+    for (cell, variant), lr in chosen.items():  # the grid ran on the validation split, every rate
+        grid = [r for r in results if (r["cell"], r["variant"], r["split"]) == (cell, variant, "val")]
+        assert sorted(r["lr"] for r in grid) == sorted(lrs) and lr in lrs
+        best = max(r["macro_f1"] for r in grid)
+        assert next(r for r in grid if r["lr"] == lr)["macro_f1"] == best
+    for cell, variants in expected.items():
         for variant in variants:
-            runs = [r for r in results if (r["task"], r["setting"], r["variant"]) == (task, setting, variant)]
+            runs = [r for r in final if (r["cell"], r["variant"]) == (cell, variant)]
             assert sorted(r["seed"] for r in runs) == sorted(seeds)
-            (row,) = [r for r in summary if (r["task"], r["setting"], r["variant"]) == (task, setting, variant)]
+            if not cell.startswith("lowres"):
+                assert {r["lr"] for r in runs} == {chosen[(cell, variant)]}
+            (row,) = [r for r in summary if (r["cell"], r["variant"]) == (cell, variant)]
             check_means(row, runs)
-    for task in {name for name, _ in cells}:
-        runs = [r for r in results if r["task"] == task]
-        # The equal-budget claim: every variant trains (and deploys) the same number of parameters...
-        assert len({r["trainable_adapter"] for r in runs}) == 1
-        if task == "airline":  # ...the dense bottleneck's: 6 layers x (2dr + r + d + LayerNorm 2d), d = 384
-            r = next(t["adapter"]["r"] for t in payload["tasks"] if t["name"] == task)
-            assert runs[0]["trainable_adapter"] == 6 * (2 * 384 * r + r + 384 + 2 * 384)
+            for r in runs:  # the official schedule: every epoch at batch 128 (or the whole set)
+                assert r["steps"] == budget["epochs"] * max(1, r["n_train"] // min(budget["batch_size"], r["n_train"]))
+                if not cell.startswith("lowres"):  # learning curve: merged test macro-F1 per epoch step
+                    assert [e for e, _ in r["curve"]] == list(range(budget["curve_every"], budget["epochs"] + 1,
+                                                                  budget["curve_every"]))
+                    assert r["curve"][-1][1] == pytest.approx(r["macro_f1"])
+    for cell in expected:
+        runs = [r for r in final if r["cell"] == cell]
         assert all(r["merged"] for r in runs)  # scored as deployed: merged into a plain adapter
-    for r in results:
-        n_classes = 10 if r["task"] == "digits" else 3
-        if r["setting"] == "10-shot":
-            assert r["n_train"] == 10 * n_classes
-        assert r["steps"] == next(
-            s["steps"] for t in payload["tasks"] if t["name"] == r["task"] for s in t["settings"]
-            if s["name"] == r["setting"]
-        )
+        for host in ({"adapter", "mosa", "mosa-noreg", "hierarchical"}, {"lora", "mosa-lora"}):
+            sizes = {r["deployed_adapter"] for r in runs if r["variant"] in host}
+            assert len(sizes) <= 1  # equal deployed size within a host
+        dense = next(r for r in runs if r["variant"] == "adapter")
+        assert dense["trainable_adapter"] == dense["deployed_adapter"]
+        for r in runs:  # per-copy biases: N - 1 extra bias copies of the split side train, then merge away
+            if r["variant"] in ("mosa", "mosa-noreg"):
+                n = 2 if cell == "multitask" else 4
+                split_bias = 384 if r["cell"] != "digits" else 192 + 320
+                extra = (n - 1) * (split_bias + (16 if cell == "multitask" else 0))
+                assert r["trainable_adapter"] - r["deployed_adapter"] == extra
+    text = next(r for r in final if (r["cell"], r["variant"]) == ("airline", "adapter"))
+    assert text["deployed_adapter"] == 2 * 384 * 16 + 16 + 384 + 2 * 384  # one AdaptFormer adapter, last layer
+    check_comparisons(payload["comparisons"])
 
 
 def test_transfer_quick(tmp_path: Any) -> None:
@@ -94,25 +123,33 @@ def test_transfer_quick(tmp_path: Any) -> None:
     methods, seeds, plan = payload["methods"], payload["seeds"], payload["plan"]
     assert set(methods) == {"shared-lora", "poly", "mhr", "mhr-z", "mhr-mu"}
     results, summary = payload["results"], payload["summary"]
+    final = [r for r in results if r["split"] == "test"]
     check_metrics(results)
     check_metrics(summary)
     check_metrics(payload["pretraining"])
+    assert payload["cache_check_max_abs_diff"] == 0.0
+    assert len(payload["pretrain_domains"]) >= 12  # at least 12 pre-training tasks
     assert not set(plan["held_out"]) & set(payload["pretrain_domains"])
-    assert sorted(plan["ks"]) == [16, 32]
+    assert all(payload["task_sizes"][t] > 0 for t in payload["pretrain_domains"])
+    assert sorted(plan["ks"]) == [16, 32, 64]
+    for method, lr in payload["chosen_lr"].items():  # chosen on validation tweets, never the test set
+        grid = [r for r in results if r["method"] == method and r["split"] == "val"]
+        assert sorted({r["lr"] for r in grid}) == sorted(plan["lrs"]) and lr in plan["lrs"]
+        assert {r["lr"] for r in final if r["method"] == method} == {lr}
     for domain in [*plan["held_out"], "mean"]:
         for k in plan["ks"]:
             for method in methods:
-                runs = [r for r in results if r["k"] == k and r["method"] == method
+                runs = [r for r in final if r["k"] == k and r["method"] == method
                         and domain in ("mean", r["domain"])]
                 assert sorted({r["seed"] for r in runs}) == sorted(seeds) and runs
                 (row,) = [r for r in summary if (r["domain"], r["k"], r["method"]) == (domain, k, method)]
                 check_means(row, runs)
-    for r in results:
+    for r in final:
         assert r["n_train"] == 3 * r["k"]  # balanced few-shot: k per class
         assert r["n_test"] % 3 == 0  # balanced test set
-    # Per-task parameters follow from the shapes: MiniLM (d = 384, 6 layers, query+value).
+    # Per-task parameters follow from the shapes: MiniLM (d = 384), query+value of the last 2 layers.
     lora = payload["lora"]
-    sites, d, r, skills, heads = 12, 384, lora["r"], lora["skills"], lora["heads"]
+    sites, d, r, skills, heads = 4, 384, lora["r"], lora["skills"], lora["heads"]
     head = d * 3 + 3
     one_lora = sites * 2 * d * r
     expected = {
@@ -124,6 +161,7 @@ def test_transfer_quick(tmp_path: Any) -> None:
     }
     for res in results:
         assert res["trainable_per_task"] == expected[res["method"]], res
+    check_comparisons(payload["comparisons"])
 
 
 # --- the committed full runs and the page that shows them ------------------------------

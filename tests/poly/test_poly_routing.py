@@ -66,6 +66,33 @@ def test_relaxed_bernoulli_equals_torch_distribution() -> None:
     assert relaxed_bernoulli(logits, 1.0, noise).isfinite().all()
 
 
+def test_sigmoid_routing_in_training_is_the_eval_weights() -> None:
+    """``relaxed = false`` (the MHR T0 configuration): training draws no noise; the weights are
+    ``sigmoid(z)`` normalised, equal to eval's, identical across forwards, and gradients reach z."""
+    recipe = poly_recipe(["0"], heads=2, skills=3, tasks=4, r=2)
+    recipe["router"]["relaxed"] = False
+    model = adapterkit.attach(mlp(), recipe)
+    randomize(model, ("projections.", "router."), seed=2)
+    router = adapterkit.sites(model)["0"].router
+    ids = torch.tensor([0, 3, 1, 1, 2, 0])
+    router.train()
+    first, second = router(ids), router(ids)
+    router.eval()
+    evaluated = router(ids)
+    z = router.logits[ids].view(6, 2, 3)
+    reference = torch.sigmoid(z) / (torch.sigmoid(z).sum(-1, keepdim=True) + EPS)
+    assert torch.equal(first, second) and torch.equal(first, evaluated)
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    router.train()
+    x = torch.randn(6, 12)
+    with adapterkit.route(model, ids):
+        model(x).square().sum().backward()
+    assert router.logits.grad is not None and router.logits.grad.abs().sum() > 0
+    relaxed = PolyRouter(PolyRouter.Config(tasks=4), heads=2, skills=3, generator=torch.Generator())
+    relaxed.logits.data.copy_(router.logits.data)
+    assert not torch.equal(relaxed.train()(ids), first)  # the default samples
+
+
 def test_private_and_uniform_routers() -> None:
     private = adapterkit.attach(mlp(), poly_recipe(["0"], skills=3, tasks=3, router="private"))
     site = adapterkit.sites(private)["0"]
@@ -149,6 +176,28 @@ def test_router_init_and_param_groups(t5_base) -> None:
     groups = {g["name"]: g for g in param_groups(model, lr=1e-3, router_lr=0.1, weight_decay=0.01)}
     assert groups["routers"]["lr"] == 0.1 and groups["routers"]["weight_decay"] == 0.0
     assert {id(p) for p in groups["routers"]["params"]} == {id(r.logits) for r in routers}
+
+
+def test_authors_a_init_has_the_full_input_bound_and_peft_is_sqrt_3h_wider() -> None:
+    """``init_a = "uniform"``: A ~ U(±1/sqrt(3 d_in)) over the full input (mttl, polytropon), for
+    every skill and head alike; the default (PEFT's Kaiming per head) reaches sqrt(3 H) times that."""
+    d_in, heads, skills, r = 192, 4, 8, 16
+    model = nn.Sequential(nn.Linear(d_in, 64))
+    bound = 1 / (3 * d_in) ** 0.5
+    widths = {}
+    for init in ("uniform", "kaiming"):
+        recipe = poly_recipe(["0"], heads=heads, skills=skills, r=r, init_a=init)
+        a = adapterkit.attach(copy.deepcopy(model), recipe)[0].projections["A"].weight.detach()
+        assert a.shape == (skills, d_in, r)
+        per_head = a.view(skills, heads, d_in // heads, r).abs().amax(dim=(0, 2, 3))
+        widths[init] = per_head
+        if init == "uniform":
+            assert a.abs().max() <= bound and a.abs().max() > 0.99 * bound  # 24,576 draws reach the edge
+            assert abs(a.mean()) < 0.02 * bound and abs(a.var() / (bound**2 / 3) - 1) < 0.05  # uniform
+    ratio = widths["kaiming"] / widths["uniform"]
+    torch.testing.assert_close(ratio, torch.full((heads,), (3 * heads) ** 0.5), rtol=0.02, atol=0)
+    with pytest.raises(RecipeError, match="init_a"):
+        adapterkit.attach(copy.deepcopy(model), poly_recipe(["0"], init_a="normal"))
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -258,3 +258,38 @@ def test_per_task_collapse_and_fold_keeps_scores(runner: CliRunner, inventory: s
         routed[0]["accuracy"],
         routed[0]["macro_f1"],
     )
+
+
+def _routing_weights(url: str) -> torch.Tensor:
+    """Eval routing weights ``(sites, H, K)`` of an mhr-z routing file (H = K = 2 here)."""
+    rows = adapterkit.inspect(url).tensors
+    from adapterkit.storage import load_tensors
+
+    tensors = load_tensors(url)
+    y = torch.sigmoid(torch.stack([tensors[t.name] for t in rows]).view(len(rows), 2, 2))
+    return y / (y.sum(-1, keepdim=True) + 1e-12)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_mhr_z_default_router_rate_moves_routing_off_uniform(
+    runner: CliRunner, inventory: str, mem: str, tmp_path: Any, recorded: bool
+) -> None:
+    """Without --router-lr, adapt trains routing logits at the inventory's router_lr (0.1 here),
+    else 0.1 (the reference's rate): 50 mhr-z steps move the weights far from uniform (1/K = 0.5);
+    at the adapters' rate 5e-3 (the former default) they stay near it."""
+    if not recorded:  # an inventory trained without a router_lr
+        inventory = f"{mem}/plain.safetensors"
+        plain = {**TEXT_RUN, "optim": {"lr": 5e-3, "warmup": 0}, "output": {"adapter": inventory}}
+        _invoke(runner, ["train", _write(tmp_path, "plain.toml", plain), "--no-progress"])
+    common = ["adapt", inventory, "--task", "selfdriving", "--mode", "mhr-z", "-k", "4", "--steps", "50",
+              "--batch-size", "12", "--no-progress"]
+    spread = {}
+    runs = [("default", [])] + ([("adapter rate", ["--router-lr", "5e-3"])] if recorded else [])
+    for name, extra in runs:
+        out = f"{mem}/{name.replace(' ', '-')}"
+        _invoke(runner, [*common, *extra, "--output", out])
+        weights = _routing_weights(f"{out}/selfdriving-mhr-z-k4-seed0.routing.safetensors")
+        spread[name] = (weights - 0.5).abs().max().item()
+    # measured: weights in [0.01, 0.99] at the default, [0.44, 0.56] at the adapters' rate
+    assert spread["default"] > 0.3, spread
+    assert not recorded or spread["adapter rate"] < 0.1, spread
