@@ -36,7 +36,8 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     config = without_secrets(config)
     train = {k: v for k, v in config.get("train", {}).items() if k not in ("device", "log_every", "threads")}
     keep = {k: config.get(k) for k in ("recipe", "model", "data", "optim")}
-    return {**keep, "train": train}
+    # in its JSON form, as the checkpoint stores it (tuples such as optim.no_decay read back as lists)
+    return json.loads(json.dumps({**keep, "train": train}))  # type: ignore[no-any-return]
 
 
 def save_checkpoint(
