@@ -206,8 +206,11 @@ def test_load_into_attached_model_and_non_strict(tmp_path: Any) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+LORA_IN_BASE_DTYPE = {**LORA, "adapter": {**LORA["adapter"], "dtype": "base"}}
+
+
 def test_bf16_model_round_trip(memory_url: str) -> None:
-    model = adapterkit.attach(base_model().bfloat16(), LORA)
+    model = adapterkit.attach(base_model().bfloat16(), LORA_IN_BASE_DTYPE)  # bf16 adapters (default: float32)
     with torch.no_grad():
         for tensor in adapterkit.adapter_state_dict(model).values():
             tensor.normal_()
@@ -241,8 +244,8 @@ def test_library_listing_reports_broken_files_and_skips_hidden(tmp_path: Any) ->
 
 def test_load_casts_dtype_and_honours_load_hooks(memory_url: str) -> None:
     """Loads that need more than a memcpy go through ``load_state_dict``: a float32 file
-    onto a bfloat16 model is cast; a module's load hook still runs."""
-    model = trained(LORA)
+    onto a bfloat16 model whose adapters take the base's dtype is cast; a module's load hook still runs."""
+    model = trained(LORA_IN_BASE_DTYPE)
     url = f"{memory_url}/f32.safetensors"
     adapterkit.save(model, url)
     half = base_model().bfloat16()

@@ -122,7 +122,7 @@ def test_train_to_s3_merge_eval(runner: CliRunner, tmp_path: Any, s3_bucket: str
     assert (trained_info.kind, trained_info.method) == ("bottleneck", "bottleneck+mosa")
     assert trained_info.extra == ("head.bias", "head.weight") == inspect(merged).extra
     # a bottleneck adapter has no PEFT equivalent: export says so
-    result = runner.invoke(cli, ["export", adapter, os.path.join(str(tmp_path), "peft")])
+    result = runner.invoke(cli, ["export", adapter, "--peft", os.path.join(str(tmp_path), "peft")])
     assert result.exit_code != 0 and "only LoRA-kind adapters export to PEFT" in result.output
 
 
@@ -239,7 +239,7 @@ def test_outputs_are_adapter_files(runner: CliRunner, inventory: str, tmp_path: 
     ours, theirs = adapterkit.adapter_state_dict(body), adapterkit.adapter_state_dict(classifier.body)
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     folder = os.path.join(str(tmp_path), "peft")
-    out = _invoke(runner, ["export", inventory, folder]).output
+    out = _invoke(runner, ["export", inventory, "--peft", folder]).output
     assert "as PEFT POLY" in out
     config = json.load(open(os.path.join(folder, "adapter_config.json")))
     assert (config["n_tasks"], config["n_skills"], config["n_splits"], config["r"]) == (3, 2, 2, 4)
