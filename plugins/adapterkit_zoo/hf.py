@@ -17,13 +17,15 @@ import atexit
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from torch import Tensor, nn
+from torch import nn
 
-from adapterkit.plugin_api import AdapterkitError, Backbone, Example, positive
+from adapterkit.plugin_api import AdapterkitError, positive
+
+from .text import TextEncoder
 
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".h5", ".msgpack")
 SLACK_BYTES = 64 * 2**20  # tokenizer files and the like, beyond the weights' own size
@@ -83,11 +85,10 @@ def local_folder(path: str, storage_options: Mapping[str, Any] | None = None) ->
     return local
 
 
-class HFModel(Backbone):
+class HFModel(TextEncoder):
     """Any transformers model folder (see the module docstring); recipe targets name its
     modules (Llama: ``q_proj``, ``v_proj``; GPT-2: ``c_attn``; T5: ``q``, ``v``; BERT: ``query``, ``value``)."""
 
-    modality = "text"
 
     @attrs.frozen
     class Config:
@@ -151,15 +152,3 @@ class HFModel(Backbone):
         model = self._load(cls, f"a {kind} model", use_safetensors=True)
         return model.eval()  # type: ignore[no-any-return]
 
-    def encode(self, examples: Sequence[Example]) -> dict[str, Tensor]:
-        texts = [e.text if e.text is not None else "" for e in examples]
-        tok = self.tokenizer()(
-            texts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        )
-        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
-
-    def features(self, body: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        mask = inputs["attention_mask"]
-        hidden = body(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)  # type: ignore[no-any-return]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from torch import Tensor, nn
+from torch import nn
 
-from adapterkit.plugin_api import AdapterkitError, Backbone, Example, optional, positive, probability
+from adapterkit.plugin_api import AdapterkitError, optional, positive, probability
+
+from .text import TextEncoder
 
 
-class MiniLM(Backbone):
+class MiniLM(TextEncoder):
     """A 6-layer BERT (hidden 384) trained as a sentence encoder; features are the
     attention-masked mean of the last hidden states (as in sentence-transformers).
 
@@ -20,7 +21,6 @@ class MiniLM(Backbone):
     ``encoder.layer.*.output`` ...
     """
 
-    modality = "text"
 
     @attrs.frozen
     class Config:
@@ -64,19 +64,6 @@ class MiniLM(Backbone):
             kwargs = {"hidden_dropout_prob": self.config.dropout, "attention_probs_dropout_prob": self.config.dropout}
         body = BertModel.from_pretrained(self.path(), add_pooling_layer=False, **kwargs)
         return body.eval()
-
-    def encode(self, examples: Sequence[Example]) -> dict[str, Tensor]:
-        texts = [e.text if e.text is not None else "" for e in examples]
-        tok = self.tokenizer()(
-            texts, padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        )
-        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
-
-    def features(self, body: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        mask = inputs["attention_mask"]
-        hidden = body(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
     def feature_dim(self, body: nn.Module) -> int:
         return int(body.config.hidden_size)  # type: ignore[union-attr,arg-type]
