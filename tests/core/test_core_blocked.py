@@ -50,7 +50,7 @@ def test_a_blocked_plugin_leaves_nothing_behind(blocked: str) -> None:
         assert "mosa" not in names and "adapterkit_mosa" not in out["modules"]
     else:
         mosa = next(p for p in out["plugins"] if p["name"] == "mosa")
-        assert mosa["provides"]["loss"] == ["consistency"]  # the loss term is discoverable
+        assert mosa["provides"]["loss"] == ["consistency", "consistency-hidden"]  # the loss terms are discoverable
 
 
 def test_a_loss_term_of_a_blocked_plugin_is_an_unknown_name(monkeypatch: pytest.MonkeyPatch) -> None:

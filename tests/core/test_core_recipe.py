@@ -117,7 +117,7 @@ def test_unknown_kind_arg_is_named_at_attach(builtin_host: PluginHost) -> None:
     model = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(RecipeError) as info:
         adapterkit.attach(model, recipe, host=builtin_host)
-    assert str(info.value) == "unknown key 'rank' for adapter kind 'lora'; valid keys: alpha, dropout, r"
+    assert str(info.value) == "unknown key 'rank' for adapter kind 'lora'; valid keys: alpha, dropout, init_a, r"
     assert not hasattr(model, "_adapterkit") and all(p.requires_grad for p in model.parameters())
 
 
