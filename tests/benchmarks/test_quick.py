@@ -42,9 +42,9 @@ def run_study(name: str, out: str) -> dict[str, Any]:
     return payload
 
 
-def check_metrics(rows: list[dict[str, Any]]) -> None:
+def check_metrics(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("accuracy", "macro_f1")) -> None:
     for row in rows:
-        for key in ("accuracy", "macro_f1"):
+        for key in keys:
             assert math.isfinite(row[key]) and 0.0 <= row[key] <= 1.0, (key, row)
 
 
@@ -203,8 +203,11 @@ def test_committed_results_are_full_runs_with_every_variant() -> None:
     sparse, transfer = committed("sparse"), committed("transfer")
     for payload in (sparse, transfer):
         assert payload["mode"] == "full" and payload["seeds"] == [0, 1, 2, 3, 4]
-        check_metrics(payload["results"])
         check_comparisons(payload["comparisons"])
+    check_metrics(transfer["results"])
+    # the digits and airline runs rebuilt from their run's log carry macro-F1 only (docs/benchmarks.md)
+    check_metrics(sparse["results"], ("macro_f1",))
+    check_metrics([r for r in sparse["results"] if r.get("source") != "log"])
     final = [r for r in sparse["results"] if r["split"] == "test"]
     cells = {r["cell"] for r in final}
     assert {"digits", "airline", "multitask"} <= cells and {f"lowres-{k}" for k in (1, 2, 4, 8, 16)} <= cells
