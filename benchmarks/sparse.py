@@ -311,11 +311,17 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
     panels = len(curves) + (1 if lowres else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
     for ax, cell in zip(axes[0], curves, strict=False):
+        partial = False
         for r in (r for r in summary if r["cell"] == cell):
             colour = f"C{VARIANTS.index(r['variant'])}"
-            ax.plot(r["curve_epochs"], r["curve"], marker=".", color=colour,
-                    label=f"{r['variant']} (lr {r['lr']:g}): {r['macro_f1']:.3f}")
-        ax.set_title(f"{cell}: test macro-F1 of the merged adapter", fontsize=9)
+            label = f"{r['variant']} (lr {r['lr']:g}): {r['macro_f1']:.3f}"
+            if r["curve"]:
+                partial |= r.get("curve_seeds", r["seeds"]) < r["seeds"]
+                ax.plot(r["curve_epochs"], r["curve"], marker=".", color=colour, label=label)
+            else:  # no learning curve recorded: the final mean only
+                ax.plot([max(r["curve_epochs"] or [100])], [r["macro_f1"]], marker="x", color=colour, label=label)
+        note = "; curves: fewer seeds" if partial else ""
+        ax.set_title(f"{cell}: merged test macro-F1{note}", fontsize=9)
         ax.set_xlabel("epoch (batch 128; 10 warm-up, cosine)")
         ax.legend(fontsize=7, loc="lower right")
     if lowres:
