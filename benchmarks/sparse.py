@@ -132,7 +132,7 @@ class Pools:
         self.digit_test = balanced(self.digits["test"], 50, 0) if quick else self.digits["test"]
         self.backbones: dict[str, Any] = {}
         self.pristine: dict[str, torch.nn.Module] = {}
-        self._encoded: dict[tuple[str, int], Encoded] = {}
+        self._encoded: dict[tuple[str, int], tuple[list[Example], Encoded]] = {}
 
     def backbone(self, name: str) -> tuple[Any, torch.nn.Module]:
         if name not in self.backbones:
@@ -147,9 +147,9 @@ class Pools:
 
     def encode(self, host: str, examples: list[Example], classes: list[str], tasks: list[str]) -> Encoded:
         key = (host, id(examples))
-        if key not in self._encoded:
-            self._encoded[key] = encode(self.backbone(host)[0], examples, classes, tasks)
-        return self._encoded[key]
+        if key not in self._encoded:  # the list is kept with it: its id is never reused by another
+            self._encoded[key] = (examples, encode(self.backbone(host)[0], examples, classes, tasks))
+        return self._encoded[key][1]
 
 
 @attrs.frozen
@@ -257,15 +257,17 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (cell, variant), runs in groups.items():
         f1, f1_std = mean_std([r["macro_f1"] for r in runs])
-        acc, acc_std = mean_std([r["accuracy"] for r in runs])
-        epochs = [e for e, _ in runs[0]["curve"]]
-        curve = [mean_std([dict(r["curve"])[e] for r in runs])[0] for e in epochs]
+        acc, acc_std = mean_std([r["accuracy"] for r in runs]) if all(r["accuracy"] is not None for r in runs) \
+            else (None, None)
+        traced = [r for r in runs if r["curve"]]  # runs that recorded a learning curve
+        epochs = [e for e, _ in traced[0]["curve"]] if traced else []
+        curve = [mean_std([dict(r["curve"])[e] for r in traced])[0] for e in epochs]
         rows.append({"cell": cell, "variant": variant, "seeds": len(runs), "lr": runs[0]["lr"],
                      "macro_f1": f1, "macro_f1_std": f1_std, "accuracy": acc, "accuracy_std": acc_std,
                      "trainable_adapter": runs[0]["trainable_adapter"], "deployed_adapter": runs[0]["deployed_adapter"],
                      "n_train": runs[0]["n_train"], "steps": runs[0]["steps"],
                      "train_seconds": mean_std([r["train_seconds"] for r in runs])[0],
-                     "curve_epochs": epochs, "curve": curve})
+                     "curve_epochs": epochs, "curve": curve, "curve_seeds": len(traced)})
     return rows
 
 
@@ -309,11 +311,17 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
     panels = len(curves) + (1 if lowres else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
     for ax, cell in zip(axes[0], curves, strict=False):
+        partial = False
         for r in (r for r in summary if r["cell"] == cell):
             colour = f"C{VARIANTS.index(r['variant'])}"
-            ax.plot(r["curve_epochs"], r["curve"], marker=".", color=colour,
-                    label=f"{r['variant']} (lr {r['lr']:g}): {r['macro_f1']:.3f}")
-        ax.set_title(f"{cell}: test macro-F1 of the merged adapter", fontsize=9)
+            label = f"{r['variant']} (lr {r['lr']:g}): {r['macro_f1']:.3f}"
+            if r["curve"]:
+                partial |= r.get("curve_seeds", r["seeds"]) < r["seeds"]
+                ax.plot(r["curve_epochs"], r["curve"], marker=".", color=colour, label=label)
+            else:  # no learning curve recorded: the final mean only
+                ax.plot([max(r["curve_epochs"] or [100])], [r["macro_f1"]], marker="x", color=colour, label=label)
+        note = "; curves: fewer seeds" if partial else ""
+        ax.set_title(f"{cell}: merged test macro-F1{note}", fontsize=9)
         ax.set_xlabel("epoch (batch 128; 10 warm-up, cosine)")
         ax.legend(fontsize=7, loc="lower right")
     if lowres:
@@ -343,16 +351,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-seeds", type=int, nargs="+", default=[0], help="seeds of the learning-rate grid")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="the grid (default 1e-3 5e-3 2e-2)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="low-resource cell")
+    parser.add_argument("--rates", nargs="+", default=[], metavar="VARIANT=LR",
+                        help="the airline rates the low-resource cell uses when the airline cell does not run")
     parser.add_argument("--epochs", type=int, default=None, help="default 100 (quick: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--name", default="sparse", help="results file name")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--replot", metavar="JSON", default=None, help="only redraw the plot of a results file")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="only combine results files of partial runs into one (tables, JSON, plot)")
+    parser.add_argument("--seconds", type=float, default=None, help="with --merge: the wall time to record")
     args = parser.parse_args(argv)
     if args.replot:
         with open(args.replot) as fh:
             print(plot(summarise(json.load(fh)["results"]), args.out, args.name))
         return 0
+    if args.merge:
+        return merge(args)
     set_threads(args.threads)
     started = time.perf_counter()
     quick = args.quick
@@ -367,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = {}
     results: list[dict[str, Any]] = []
     chosen: dict[tuple[str, str], float] = {}
+    for item in args.rates:
+        variant, _, rate = item.partition("=")
+        chosen[("airline", variant)] = float(rate)
 
     def report(r: dict[str, Any]) -> None:
         results.append(r)
@@ -398,25 +416,59 @@ def main(argv: list[str] | None = None) -> int:
             chosen[(cell, variant)] = lr = choose_lr(grid)
             for seed in cell_seeds:
                 report(run(pools, data, variant, lr, seed, split="test", curve=True))
+    finish(args, results, chosen, checks, budget=budget, seeds=seeds, lrs=lrs, shots=shots, cells=cells,
+           seconds=time.perf_counter() - started)
+    return 0
+
+
+def finish(args: argparse.Namespace, results: list[dict[str, Any]], chosen: dict[tuple[str, str], float],
+           checks: dict[str, float], *, budget: Budget, seeds: list[int], lrs: list[float], shots: list[int],
+           cells: list[str], seconds: float) -> None:
+    """Print the tables, write the JSON and the plot."""
     summary = summarise(results)
     claims = comparisons(results)
     table = [{**r, "macro_f1": f"{r['macro_f1']:.4f} ± {r['macro_f1_std']:.4f}"} for r in summary]
     print_table("Sparse adapters (merged; test macro-F1, mean ± std over seeds)", table,
-                ["cell", "variant", "lr", "trainable_adapter", "deployed_adapter", "n_train", "steps", "macro_f1"])
+                ["cell", "variant", "lr", "seeds", "trainable_adapter", "deployed_adapter", "n_train", "steps",
+                 "macro_f1"])
     print_table("Paired comparisons (per-seed differences a - b, bootstrap 95% interval)",
                 [{**c, "interval": f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"} for c in claims],
                 ["claim", "cell", "mean_diff", "interval", "wins", "verdict"])
-    elapsed = time.perf_counter() - started
     payload = {
-        "study": "sparse", "mode": "quick" if quick else "full", "seeds": seeds, "grid_seeds": args.grid_seeds,
+        "study": "sparse", "mode": "quick" if args.quick else "full", "seeds": seeds, "grid_seeds": args.grid_seeds,
         "lrs": lrs, "shots": shots, "cells": cells, "budget": attrs.asdict(budget), "hosts": HOSTS,
         "optim": {**OFFICIAL_OPTIM, "schedule": "cosine", "warmup_epochs": budget.warmup_epochs},
-        "cache_check_max_abs_diff": checks, "seconds": elapsed,
+        "cache_check_max_abs_diff": checks, "seconds": seconds,
         "chosen_lr": [{"cell": c, "variant": v, "lr": lr} for (c, v), lr in chosen.items()],
         "summary": summary, "comparisons": claims, "results": results,
     }
     written = write_json(args.name, payload, args.out), plot(summary, args.out, args.name)
-    print(f"\nwrote {written[0]} and {written[1]} in {elapsed:.0f} s")
+    print(f"\nwrote {written[0]} and {written[1]} in {seconds:.0f} s")
+
+
+def merge(args: argparse.Namespace) -> int:
+    """``--merge``: one results file from partial runs of the same study (e.g. cells run in
+    separate processes); learning rates re-derived from their grids."""
+    results: list[dict[str, Any]] = []
+    checks: dict[str, float] = {}
+    seconds = 0.0
+    for path in args.merge:
+        with open(path) as fh:
+            part = json.load(fh)
+        results += part["results"]
+        checks |= part.get("cache_check_max_abs_diff", part.get("checks", {}))
+        seconds += part.get("seconds", 0.0)
+    chosen: dict[tuple[str, str], float] = {}
+    for r in results:
+        if r["split"] == "val":
+            key = (r["cell"], r["variant"])
+            chosen[key] = choose_lr([g for g in results if g["split"] == "val" and (g["cell"], g["variant"]) == key])
+    final = [r for r in results if r["split"] == "test"]
+    cells = list(dict.fromkeys(r["cell"].split("-")[0] for r in final))
+    shots = sorted({int(r["cell"].split("-")[1]) for r in final if r["cell"].startswith("lowres-")})
+    lrs = sorted({r["lr"] for r in results if r["split"] == "val"})
+    finish(args, results, chosen, checks, budget=Budget(), seeds=sorted({r["seed"] for r in final}), lrs=lrs,
+           shots=shots, cells=cells, seconds=args.seconds or seconds)
     return 0
 
 

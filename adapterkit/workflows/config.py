@@ -228,7 +228,8 @@ class WorkflowConfig:
         data = attrs.asdict(self.data)
         out["data"] = {**{k: v for k, v in data.items() if k != "args"}, **self.data.args}
         for name in ("optim", "train", "eval", "checkpoint", "output"):
-            out[name] = {k: v for k, v in attrs.asdict(getattr(self, name)).items() if v is not None}
+            table = attrs.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items() if v is not None}
         return out if include_secrets else without_secrets(out)
 
 
