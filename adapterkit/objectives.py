@@ -19,7 +19,7 @@ cross-entropy, accuracy and macro-F1.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -121,6 +121,22 @@ def routing(model: WorkflowModel, task_ids: Tensor, routed: bool) -> contextlib.
     return route(model.body, task_ids) if routed else contextlib.nullcontext()  # type: ignore[arg-type]
 
 
+def eval_outputs(
+    model: WorkflowModel, data: Encoded, batch_size: int, routed: bool
+) -> Iterator[tuple[Encoded, Tensor]]:
+    """Each batch of ``data`` with the model's eval-mode output on it (routed by the batch's
+    tasks); the model's train/eval mode is restored afterwards. What every ``predict`` starts from."""
+    device, training = device_of(model), model.training
+    model.eval()
+    try:
+        for part in data.batches(batch_size):
+            with routing(model, part.tasks.to(device), routed):
+                outputs = model(**{k: v.to(device) for k, v in part.inputs.items()})
+            yield part, outputs
+    finally:
+        model.train(training)
+
+
 def task_indices(examples: Sequence[Example], tasks: Sequence[str]) -> Tensor:
     """Each example's task index (0 for single-task data and tasks outside ``tasks``)."""
     index = {t: i for i, t in enumerate(tasks)}
@@ -153,12 +169,5 @@ class Classification(Objective):
     def predict(
         self, model: WorkflowModel, data: Encoded, batch_size: int, routed: bool, decoding: Decoding
     ) -> Predictions:
-        device, training = device_of(model), model.training
-        model.eval()
-        preds = []
-        for part in data.batches(batch_size):
-            with routing(model, part.tasks.to(device), routed):
-                logits = model(**{k: v.to(device) for k, v in part.inputs.items()})
-            preds.append(logits.argmax(-1).cpu())
-        model.train(training)
+        preds = [logits.argmax(-1).cpu() for _, logits in eval_outputs(model, data, batch_size, routed)]
         return Predictions(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long), data.labels)

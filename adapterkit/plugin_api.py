@@ -53,6 +53,7 @@ from .objectives import (
     Objective,
     Predictions,
     device_of,
+    eval_outputs,
     routing,
     task_indices,
 )
@@ -125,6 +126,7 @@ __all__ = [
     "batched_linear",
     "concat_factors",
     "device_of",
+    "eval_outputs",
     "effective_rank",
     "empty",
     "factorize",

@@ -34,6 +34,7 @@ from adapterkit.plugin_api import (
     Predictions,
     WorkflowModel,
     device_of,
+    eval_outputs,
     routing,
     task_indices,
 )
@@ -134,20 +135,15 @@ class TextToText(Objective):
     def predict(
         self, model: WorkflowModel, data: Encoded, batch_size: int, routed: bool, decoding: Decoding
     ) -> Predictions:
-        device, training = device_of(model), model.training
-        model.eval()
         nll, tokens, exact, predicted = [], [], [], []
-        for part in data.batches(batch_size):
-            with routing(model, part.tasks.to(device), routed):
-                logits = model(**{k: v.to(device) for k, v in part.inputs.items()})
-            summed, count = self._nll(*self._aligned(logits, part.labels.to(device)))
+        for part, logits in eval_outputs(model, data, batch_size, routed):
+            summed, count = self._nll(*self._aligned(logits, part.labels.to(logits.device)))
             nll.append(summed)
             tokens.append(count)
             match, named = self._score(model, self._generate(model, part, routed, decoding).cpu(), part)
             exact.append(match)
             if named is not None:
                 predicted.append(named)
-        model.train(training)
         return Predictions(
             predicted=torch.cat(predicted) if predicted else None,
             expected=data.extra.get("class_ids") if predicted else None,
