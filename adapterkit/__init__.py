@@ -21,11 +21,13 @@ from .attach import (
 from .errors import AdapterkitError, AttachError, RecipeError, RoutingError, UnknownNameError
 from .hookspecs import hookimpl
 from .library import Library
+from .named import activate, active_adapter, adapters, deactivate, delete, using
 from .peft_interop import PeftInteropError, export_peft, export_peft_tasks, import_peft
 from .plugins import PluginHost, get_host
 from .recipe import Recipe, RoleSpec
 from .registry import Registry
 from .roles import AdaptMode, Folded, LossTerm, Merger, Partition, Projection, ProjectionSpec, Router, Sampler, Splitter
+from .serving import adapter_ids, serve, served
 from .site import AdapterSite
 from .stack import stack
 from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
@@ -57,10 +59,16 @@ __all__ = [
     "Splitter",
     "StorageError",
     "UnknownNameError",
+    "activate",
+    "active_adapter",
     "adapt",
+    "adapter_ids",
     "adapter_state_dict",
+    "adapters",
     "attach",
     "cp",
+    "deactivate",
+    "delete",
     "detach",
     "disabled",
     "export_peft",
@@ -80,8 +88,11 @@ __all__ = [
     "route",
     "save",
     "save_tensors",
+    "serve",
+    "served",
     "sites",
     "stack",
     "summary",
     "unmerge",
+    "using",
 ]

@@ -25,6 +25,7 @@ from .wording import plural
 
 log = logging.getLogger("adapterkit")
 STATE_ATTR = "_adapterkit"
+NAMED_ATTR = "_adapterkit_named"  # named adapters (adapterkit.named): the parked ones and which is active
 SAVED_PREFIX = "modules_to_save/"  # key namespace of modules_to_save tensors: modules_to_save/<module>/<tensor>
 
 
@@ -82,6 +83,8 @@ class AttachState:
     # modules_to_save by name: a copy of their tensors from before attach (detach and
     # disabled() put these back, as PEFT's ModulesToSaveWrapper keeps the original module)
     saved: dict[str, dict[str, Tensor]] = attrs.field(factory=dict)
+    # mixed-adapter serving (adapterkit.serving.Serving): maps adapter choices to ids; None otherwise
+    serving: Any = None
 
 
 def match_target(name: str, pattern: str) -> bool:
@@ -202,19 +205,38 @@ def _modules_to_save(model: nn.Module, recipe: Recipe, site_names: Sequence[str]
     return found
 
 
-def attach(model: nn.Module, recipe: Recipe | dict[str, Any], *, host: PluginHost | None = None) -> nn.Module:
+def attach(
+    model: nn.Module, recipe: Recipe | dict[str, Any], *, name: str | None = None, host: PluginHost | None = None
+) -> nn.Module:
     """Inject the recipe's adapters into ``model`` in place, freeze the base, return the model.
 
     Every problem (unknown plugin name, bad argument, no matching site, a site whose
     shape does not fit) raises before the model is touched, naming the site and reason.
     ``adapterkit.summary(model)`` tells the sites and trainable parameters;
-    :func:`detach` gives the original model back.
+    :func:`detach` gives the original model back. With ``name``, the adapter is one of
+    several named adapters on the model and becomes the active one (see
+    :mod:`adapterkit.named`: ``activate``, ``delete``, ``adapters``, ``serve``).
     """
     if isinstance(recipe, dict):
         recipe = Recipe.from_dict(recipe)
+    model = unwrap(model)
+    if name is not None:
+        from .named import attach_named
+
+        return attach_named(model, recipe, name, host=host)
+    if hasattr(model, NAMED_ATTR):
+        from .named import adapters
+
+        raise AttachError(None, f"model holds named adapters {adapters(model)}; attach another with name=...")
+    return attach_one(model, recipe, host=host)
+
+
+def attach_one(model: nn.Module, recipe: Recipe, *, host: PluginHost | None = None) -> nn.Module:
+    """``attach`` of one adapter onto a model holding no active one (named adapters may be parked)."""
     if hasattr(model, STATE_ATTR):
         raise AttachError(None, "model already has adapters attached; "
-                                "adapterkit.detach(model) first, or use a fresh model")
+                                "adapterkit.detach(model) first, attach with name=... to add a named adapter, "
+                                "or use a fresh model")
     host = host or get_host()
     build_sites(model, recipe, (), host)  # unknown names and bad arguments fail before the targets
     names = find_sites(model, recipe.targets)
@@ -292,10 +314,26 @@ def _summarize(
 
 
 def state_of(model: nn.Module) -> AttachState:
-    state = getattr(unwrap(model), STATE_ATTR, None)
+    model = unwrap(model)
+    state = getattr(model, STATE_ATTR, None)
     if state is None:
+        if hasattr(model, NAMED_ATTR):
+            from .named import adapters
+
+            raise AdapterkitError(f"no named adapter is active; adapterkit.activate(model, name) with a name "
+                                  f"of {adapters(model)}")
         raise AdapterkitError("model has no adapters attached; call adapterkit.attach(model, recipe) first")
     return state  # type: ignore[no-any-return]
+
+
+def editable_state(model: nn.Module) -> AttachState:
+    """``state_of`` for calls that change or write the adapter: refused while the model serves
+    mixed-adapter batches (its sites then hold packed copies, see ``adapterkit.serve``)."""
+    state = state_of(model)
+    if state.serving is not None:
+        raise AdapterkitError("the model serves several adapters in mixed batches; "
+                              "adapterkit.activate(model, name) picks one to work on")
+    return state
 
 
 def summary(model: nn.Module) -> AttachSummary:
@@ -363,7 +401,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
     when none does. Every public call on an attached model goes through it."""
     inner = model
-    while not hasattr(inner, STATE_ATTR):
+    while not (hasattr(inner, STATE_ATTR) or hasattr(inner, NAMED_ATTR)):
         wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
         if wrapped is None:
             return model
@@ -371,12 +409,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner
 
 
-def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Tensor:
+def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[Any] | int) -> Tensor:
     """``task_ids`` as a 1-D long tensor on the model's device, validated (integer dtype,
     range). Eager, the range check reads the ids (one host sync, here and not in the
     sites); inside a compiled region it is a device-side assert, so no graph breaks."""
     state = state_of(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if state.serving is not None:  # mixed-adapter batches: names or slot ids (adapterkit.serving)
+        return state.serving.ids(model, task_ids, device)  # type: ignore[no-any-return]
     ids = torch.as_tensor(task_ids, device=device)
     if ids.dim() == 0:
         ids = ids.reshape(1)
@@ -395,13 +435,14 @@ def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[Tensor]:
+def route(model: nn.Module, task_ids: Tensor | Sequence[Any] | int) -> Iterator[Tensor]:
     """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
 
     Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
     do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly. A routed model
     also takes them as a forward keyword, ``model(**batch, task_ids=ids)``, and
     ``model.generate(..., task_ids=ids)`` repeats them for beams and returned sequences.
+    A model serving mixed batches (``adapterkit.serve``) takes adapter names here too.
     """
     model = unwrap(model)
     ids = checked_task_ids(model, task_ids)
@@ -419,12 +460,28 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[int] | int) -> Iterator[
 
 @functools.cache
 def _signature_with_task_ids(cls: Any) -> inspect.Signature:
-    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids``."""
+    """``cls.forward``'s signature (without ``self``) plus keyword-only ``task_ids`` and
+    ``adapter_names`` (mixed-adapter batches, PEFT's name)."""
     signature = inspect.signature(cls.forward)
     params = list(signature.parameters.values())[1:]
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
+    keywords = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in KEYWORDS
+                if k not in signature.parameters]
+    return signature.replace(parameters=[*params[:at], *keywords, *params[at:]])
+
+
+KEYWORDS = ("task_ids", "adapter_names")
+
+
+def _choices(model: nn.Module, task_ids: Any, adapter_names: Any) -> Any:
+    """The routing choices of a call: ``task_ids`` or ``adapter_names`` (which needs ``serve``)."""
+    if adapter_names is None:
+        return task_ids
+    if task_ids is not None:
+        raise RoutingError("pass task_ids= or adapter_names=, not both")
+    if state_of(model).serving is None:
+        raise RoutingError("adapter_names= picks adapters in mixed batches: adapterkit.serve(model) first")
+    return adapter_names
 
 
 class TaskIdsForward:
@@ -439,9 +496,10 @@ class TaskIdsForward:
         self.model = model
         self.__signature__ = _signature_with_task_ids(cls)
 
-    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
         model = self.model
         forward = type(model).forward
+        task_ids = _choices(model, task_ids, adapter_names)
         if task_ids is None:
             return forward(model, *args, **kwargs)
         routing = state_of(model).routing
@@ -462,8 +520,9 @@ class TaskIdsGenerate:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __call__(self, *args: Any, task_ids: Any = None, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
         model = self.model
+        task_ids = _choices(model, task_ids, adapter_names)
         routing = state_of(model).routing
         before = routing.repeat
         routing.repeat = True
@@ -476,7 +535,7 @@ class TaskIdsGenerate:
 
 def _install_keyword(model: nn.Module) -> None:
     cls: Any = type(model)
-    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
+    if "forward" not in vars(model) and not set(KEYWORDS) <= set(inspect.signature(cls.forward).parameters):
         model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
     if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
         model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
@@ -498,7 +557,7 @@ def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | Non
     :func:`unmerge` undoes the last merge; :func:`detach` undoes everything.
     """
     model = unwrap(model)
-    state = state_of(model)
+    state = editable_state(model)
     current = sites(model)
     if not current or state.recipe is None:
         raise AdapterkitError("nothing to merge: every adapter of this model is folded into its base weights")
@@ -551,7 +610,7 @@ def _base_weight(site: AdapterSite) -> Tensor:
 def add_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], *, host: PluginHost | None = None) -> None:
     """Attach ``recipe`` at the modules ``names`` of an attached model, beside its sites
     (used by ``load`` to rebuild folded sites before refolding them)."""
-    state = state_of(model)
+    state = editable_state(model)
     new_sites = build_sites(model, recipe, names, host or get_host())
     for name, site in new_sites.items():
         state.originals[name] = site.base
@@ -561,7 +620,7 @@ def add_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], *, host: P
 def fold_sites(model: nn.Module, names: Sequence[str]) -> None:
     """Fold the single-skill sites ``names`` into their base weights, as a ``Folded``
     merger result would (``load`` refolds a saved fold this way: bit-identical)."""
-    state = state_of(model)
+    state = editable_state(model)
     current = sites(model)
     try:
         folds = {name: _plain_fold(current[name]) for name in names}
@@ -604,7 +663,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo the last :func:`merge`: the sites it replaced come back, folded updates are
     subtracted from their base weights (exact up to float rounding of ``(W + d) - d``)."""
     model = unwrap(model)
-    state = state_of(model)
+    state = editable_state(model)
     if not state.undo:
         raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
     before, recipe, folded = state.undo.pop()
@@ -618,20 +677,35 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Remove every adapter: the original modules come back at every site, folded updates
-    are subtracted from their base weights (to float tolerance) and every parameter gets
-    its ``requires_grad`` from before :func:`attach`. Returns the model."""
+    """Remove every adapter (every named one too): the original modules come back at every
+    site, folded updates are subtracted from their base weights (to float tolerance) and
+    every parameter gets its ``requires_grad`` from before :func:`attach`. Returns the model."""
     model = unwrap(model)
+    if hasattr(model, NAMED_ATTR):
+        from .named import detach_all
+
+        detach_all(model)
+        return model
+    remove_state(model)
+    return model
+
+
+def remove_state(model: nn.Module) -> None:
+    """Take the active adapter out of ``model``: originals back, folded updates subtracted,
+    the modules to save restored, ``requires_grad`` as before its attach."""
     state = state_of(model)
     _unfold(state.folded)
     _put_saved(model, state.saved)
     for name, original in state.originals.items():
         model.set_submodule(name, original)
-    for name, param in model.named_parameters():
-        param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
+    restore_requires_grad(model, state.requires_grad)
     _remove_keyword(model)
     delattr(model, STATE_ATTR)
-    return model
+
+
+def restore_requires_grad(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
 
 
 @contextlib.contextmanager
@@ -669,7 +743,7 @@ def adapt(model: nn.Module, mode: str, *, seed: int = 0, host: PluginHost | None
     per-task state, :meth:`~adapterkit.roles.AdaptMode.compact_state`). The model's recipe
     is re-derived from its sites and the step recorded."""
     model = unwrap(model)
-    state = state_of(model)
+    state = editable_state(model)
     host = host or get_host()
     cls = host.adapt_modes[mode]
     instance: AdaptMode = cls(build_config(cls, args, f"adaptation mode {mode!r}"))
@@ -808,7 +882,7 @@ def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[s
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model`` holds adapterkit state (adapters attached, perhaps merged or folded)."""
     model = unwrap(model)
-    return hasattr(model, STATE_ATTR)
+    return hasattr(model, STATE_ATTR) or hasattr(model, NAMED_ATTR)
 
 
 def recipe_of(model: nn.Module) -> Recipe | None:

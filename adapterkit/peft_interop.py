@@ -31,11 +31,11 @@ from .attach import (
     SAVED_PREFIX,
     adapter_state_dict,
     attach,
+    editable_state,
     merge,
     saved_module_key,
     saved_modules,
     sites,
-    state_of,
     unmerge,
 )
 from .peft_format import IGNORED, PeftFormat, PeftInteropError, empty
@@ -118,7 +118,7 @@ def to_peft(model: nn.Module, *, host: PluginHost | None = None) -> tuple[dict[s
     found = sites(model)
     if not found:
         raise PeftInteropError("the model has no adapter sites to export")
-    if state_of(model).folded:
+    if editable_state(model).folded:
         raise PeftInteropError("some updates are folded into base weights, which a PEFT folder cannot carry; "
                                "adapterkit.unmerge(model) first")
     registry = host.peft_formats
@@ -245,7 +245,7 @@ def export_peft_tasks(
     """One PEFT LoRA folder per task of a task-routed inventory (Poly, MHR, ...): task ``t``
     collapsed to a plain LoRA (merger ``collapse``) in ``<url>/task-<t>``, ready for LoRA
     servers (vLLM, LoRAX). The model is left as it was. Returns ``{folder: config}``."""
-    state = state_of(model)
+    state = editable_state(model)
     tasks = state.n_tasks
     if tasks is None:
         raise PeftInteropError("per-task export needs an adapter routed by task ids (Poly, MHR, ...); "

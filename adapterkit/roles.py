@@ -161,6 +161,11 @@ class Router(Configurable, nn.Module):
     the skills' *outputs* per token. Only kinds that implement that path
     (:meth:`AdapterSite.input_features`, e.g. LoRA) accept such a router."""
 
+    selects: ClassVar[bool] = False
+    """Routers whose weights are one-hot (each task id picks one skill, task ``i`` skill
+    ``i``) set this: the site then gathers each example's skill weights instead of mixing
+    them (mixed-adapter batches, :func:`adapterkit.serve`); :meth:`forward` is not called."""
+
     def __init__(self, config: Any, *, heads: int, skills: int, generator: torch.Generator) -> None:
         Configurable.__init__(self, config)
         nn.Module.__init__(self)

@@ -9,7 +9,7 @@ mixes skills. Adapter kinds (LoRA, bottleneck, ...) subclass it and define the m
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -205,6 +205,8 @@ class AdapterSite(Configurable, nn.Module):
         draws = self.draw(self.training)
         if self.router.needs_inputs:
             return {name: module(draws[name]) for name, module in self.projections.items()}
+        if self.router.selects:
+            return self._selected(draws, batch)
         index = None
         tasks = self.router.n_tasks
         task_ids = self.task_ids(batch) if self.router.needs_task_ids else None
@@ -226,6 +228,36 @@ class AdapterSite(Configurable, nn.Module):
                 mixed = mixed[0]
             out[name] = mixed
         return out
+
+    def _selected(self, draws: dict[str, Tensor | None], batch: int) -> dict[str, Tensor]:
+        """Each example's own skill (``Router.selects``): a gather, no mixing GEMM; one id for
+        the whole batch gives shared ``[*shape]`` weights."""
+        task_ids = self.task_ids(batch)
+        if task_ids is None:
+            raise RoutingError(f"site {self.site_name!r} serves several adapters: call the model with "
+                               "`adapter_names=` or `task_ids=`, or inside `with adapterkit.route(model, ids):`")
+        if task_ids.shape[0] not in (1, batch):
+            raise RoutingError(f"site {self.site_name!r}: {task_ids.shape[0]} adapter choices for a batch of {batch}")
+        out = {}
+        for name, module in self.projections.items():
+            value = module(draws[name])
+            out[name] = value[task_ids][0] if task_ids.shape[0] == 1 else value[task_ids]  # no .item(): no sync
+        return out
+
+    def serving_weights(self) -> dict[str, Tensor]:
+        """Every projection's eval weight ``[*shape]`` for serving this single-skill site in
+        mixed-adapter batches, with the kind's per-adapter constants (e.g. a LoRA scale) folded
+        in, so that weights zero-padded to the largest shapes of several adapters compute each
+        adapter's function under :meth:`serving_config`. Kinds that support mixed batches
+        implement it; others raise ``ValueError`` with the reason."""
+        raise ValueError(f"adapter kind {self.kind!r} does not support mixed-adapter batches")
+
+    @classmethod
+    def serving_config(cls, configs: Sequence[Any]) -> Any:
+        """One config of this kind under which the :meth:`serving_weights` of adapters made
+        with ``configs`` (zero-padded to the largest shapes) give each adapter's output;
+        ``ValueError`` naming the field when they differ in a way that cannot be served."""
+        raise ValueError(f"adapter kind {cls.kind!r} does not support mixed-adapter batches")
 
     def draw(self, training: bool) -> dict[str, Tensor | None]:
         """The sampler's gates of every projection for one forward (eval: the activation

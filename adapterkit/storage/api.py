@@ -174,8 +174,10 @@ def save(
     metadata: Mapping[str, str] | None = None,
     extra_tensors: Mapping[str, Tensor] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> AdapterInfo:
-    """Write the adapter of an attached model (or named tensors) as one safetensors file.
+    """Write the adapter of an attached model (or named tensors) as one safetensors file
+    (with ``name``: that named adapter of the model, not the active one).
 
     The file carries the recipe, the plugin versions, the sites and digests, so
     ``adapterkit.load(url, fresh_model)`` can rebuild the adapter. The write is atomic.
@@ -183,17 +185,25 @@ def save(
     names, e.g. a classifier head: ``load`` skips them, ``load_tensors(url, info.extra)``
     reads them.
     """
-    from ..attach import adapter_state_dict, describe, providers, sites, state_of, unwrap
+    from ..attach import adapter_state_dict, describe, editable_state, providers, sites, unwrap
 
     meta = dict(metadata or {})
     reserved = [k for k in meta if isinstance(k, str) and k.startswith(PREFIX)]
     if reserved:
         raise StorageError(f"metadata key {reserved[0]!r} is reserved: keys starting with {PREFIX!r} "
                            "belong to adapterkit")
+    if name is not None:
+        from ..named import using
+
+        if not isinstance(model_or_tensors, nn.Module):
+            raise StorageError("name= picks a named adapter of a model; a mapping of tensors has none")
+        with using(model_or_tensors, name):
+            return save(model_or_tensors, url, metadata=metadata, extra_tensors=extra_tensors,
+                        storage_options=storage_options)
     loc = resolve(url, storage_options, write=True)
     if isinstance(model_or_tensors, nn.Module):
         model_or_tensors = unwrap(model_or_tensors)
-        state = state_of(model_or_tensors)
+        state = editable_state(model_or_tensors)
         tensors = adapter_state_dict(model_or_tensors)
         plugins: dict[str, str] = {}
         if state.recipe is not None:
@@ -228,17 +238,40 @@ def save(
 
 
 def load(
-    url: str, model: nn.Module, *, strict: bool = True, storage_options: Mapping[str, Any] | None = None
+    url: str, model: nn.Module, *, name: str | None = None, strict: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Load an adapter file into ``model`` (attaching its stored recipe first if the model
     has no adapters), after verifying every digest; returns the model.
 
     ``strict`` (default) requires the file and the model to hold the same adapter tensors;
-    otherwise tensors on only one side are skipped. Shapes must always match.
+    otherwise tensors on only one side are skipped. Shapes must always match. With
+    ``name`` the file is the named adapter ``name`` (added, or loaded into it) and becomes
+    the active one (see :mod:`adapterkit.named`).
     """
-    from ..attach import adapter_state_dict, fold_sites, sites, unwrap
+    from ..attach import NAMED_ATTR, STATE_ATTR, editable_state, unwrap
 
     model = unwrap(model)
+    if name is not None:
+        from ..named import load_named
+
+        return load_named(model, name, lambda: load_one(url, model, strict=strict, storage_options=storage_options))
+    if hasattr(model, STATE_ATTR):
+        editable_state(model)
+    elif hasattr(model, NAMED_ATTR):
+        from ..named import adapters
+
+        raise StorageError(f"the model holds named adapters {adapters(model)} and none is active; "
+                           "load with name=... (a new name adds one)")
+    return load_one(url, model, strict=strict, storage_options=storage_options)
+
+
+def load_one(
+    url: str, model: nn.Module, *, strict: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """``load`` into the active adapter, or as the model's one adapter when none is active."""
+    from ..attach import adapter_state_dict, fold_sites, sites
+
     loc = resolve(url, storage_options)
     data = read_all(loc, writable=False)
     header = parse_whole(data, url)
@@ -297,9 +330,9 @@ ALLOCATION_FACTOR = 4  # a split projection holds W0 and a delta (2x), cell ids,
 
 def _check_allocation(model: nn.Module, info: AdapterInfo, url: str) -> None:
     """Refuse a recipe that would allocate far more adapter elements than the file holds."""
-    from ..attach import is_attached, planned_elements
+    from ..attach import STATE_ATTR, planned_elements
 
-    if is_attached(model):
+    if hasattr(model, STATE_ATTR):
         return  # loading into existing sites allocates nothing
     stored = sum(math.prod(t.shape) for t in info.tensors if t.name not in set(info.extra))
     planned = 0
@@ -319,9 +352,9 @@ def _check_allocation(model: nn.Module, info: AdapterInfo, url: str) -> None:
 def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
     """Attach the stored state if the model has no adapters (the recipe of the sites left,
     and the folded sites, to be refolded once loaded); detach again if loading fails."""
-    from ..attach import add_sites, attach, detach, is_attached, state_of
+    from ..attach import STATE_ATTR, add_sites, attach_one, remove_state, state_of
 
-    if is_attached(model):
+    if hasattr(model, STATE_ATTR):
         if info.folded:
             raise StorageError(f"cannot load {url!r} into a model with adapters: it holds updates folded into "
                                "base weights; load it onto a fresh base model")
@@ -330,18 +363,18 @@ def _attached(model: nn.Module, info: AdapterInfo, url: str) -> Iterator[None]:
     first = info.recipe if info.recipe is not None else info.folded_recipe
     assert first is not None
     try:
-        attach(model, first)
+        attach_one(model, first)
         if info.recipe is not None and info.folded_recipe is not None:
             add_sites(model, info.folded_recipe, info.folded)
     except AdapterkitError as exc:
-        if is_attached(model):
-            detach(model)
+        if hasattr(model, STATE_ATTR):
+            remove_state(model)
         made_by = ", ".join(f"{k} {v}" for k, v in sorted(info.plugins.items())) or "unknown plugins"
         raise StorageError(f"cannot load {url!r}: {exc} (the adapter was made with: {made_by})") from None
     try:
         yield
     except BaseException:
-        detach(model)
+        remove_state(model)
         raise
     state_of(model).history = [*(dict(step) for step in info.history), {"op": "load"}]
 

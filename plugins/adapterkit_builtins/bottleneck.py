@@ -12,9 +12,11 @@ T5's ``T5LayerFF``); elsewhere set ``d_in``/``d_out``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor, nn
 
 from adapterkit.plugin_api import (
@@ -111,6 +113,31 @@ class Bottleneck(AdapterSite):
                 ProjectionSpec("up_bias", (d_out,), None, 0, zeros, bias_of="up"),
             ]
         return specs
+
+    @torch.no_grad()
+    def serving_weights(self) -> dict[str, Tensor]:
+        """The eval weights with the output scale folded into ``up`` (and its bias): zero-padded
+        hidden units add nothing, whatever the activation, as their ``up`` rows are zero."""
+        if self.router.needs_task_ids or self.skills != 1:
+            raise ValueError(f"site {self.site_name!r} holds {self.skills} routed skills; serve its tasks one by one")
+        if self.config.norm:
+            raise ValueError(f"site {self.site_name!r}: a bottleneck adapter with norm = true keeps a LayerNorm of "
+                             "its own, which mixed-adapter batches cannot select per example")
+        w = self.mixed_weights()
+        return {k: v * self.scale if k.startswith("up") else v for k, v in w.items()}
+
+    @classmethod
+    def serving_config(cls, configs: Sequence[Any]) -> Any:
+        """The largest size at scale 1 (dropout off); every other field must agree."""
+        free = {"r", "scale", "dropout", "dtype"}
+        first = configs[0]
+        for config in configs[1:]:
+            differ = [f.name for f in attrs.fields(type(first))
+                      if f.name not in free and getattr(config, f.name) != getattr(first, f.name)]
+            if differ:
+                raise ValueError(f"bottleneck adapters that differ in {differ[0]!r} cannot share a site")
+        dtype = "float32" if any(c.dtype == "float32" for c in configs) else "base"
+        return attrs.evolve(first, r=max(c.r for c in configs), scale=1.0, dropout=0.0, dtype=dtype)
 
     def adapter(self, h: Tensor) -> Tensor:
         channels_first = self.config.channel_dim != -1 and h.dim() > 2

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -83,6 +84,23 @@ class LoRA(AdapterSite):
         w = self.mixed_weights()
         dtype = torch.promote_types(w["A"].dtype, torch.float32)
         return self.layer.delta(self.scale * (w["A"].to(dtype) @ w["B"].to(dtype)))
+
+    @torch.no_grad()
+    def serving_weights(self) -> dict[str, Tensor]:
+        """The eval ``A`` and ``scale * B``: rank-padded with zeros they add nothing, so adapters
+        of different ranks and alphas share one site (see :meth:`serving_config`)."""
+        if self.router.needs_task_ids or self.skills != 1:
+            raise ValueError(f"site {self.site_name!r} holds {self.skills} routed skills; serve its tasks "
+                             "one by one (adapterkit.serve expands a routed adapter into its tasks)")
+        w = self.mixed_weights()
+        return {"A": w["A"], "B": w["B"] * self.scale}
+
+    @classmethod
+    def serving_config(cls, configs: Sequence[Any]) -> Any:
+        """The largest rank at scale 1, float32 if any adapter is (dropout off: serving is eval)."""
+        r = max(c.r for c in configs)
+        dtype = "float32" if any(c.dtype == "float32" for c in configs) else "base"
+        return attrs.evolve(configs[0], r=r, alpha=None, dropout=0.0, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weights(x.shape[0])
