@@ -460,17 +460,13 @@ def route(model: nn.Module, task_ids: Tensor | Sequence[Any] | int) -> Iterator[
 
 @functools.cache
 def _signature_with_task_ids(cls: Any) -> inspect.Signature:
-    """``cls.forward``'s signature (without ``self``) plus keyword-only ``task_ids`` and
-    ``adapter_names`` (mixed-adapter batches, PEFT's name)."""
+    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids`` (the
+    call also takes ``adapter_names=``, PEFT's keyword, on a serving model)."""
     signature = inspect.signature(cls.forward)
     params = list(signature.parameters.values())[1:]
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    keywords = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in KEYWORDS
-                if k not in signature.parameters]
-    return signature.replace(parameters=[*params[:at], *keywords, *params[at:]])
-
-
-KEYWORDS = ("task_ids", "adapter_names")
+    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
 
 
 def _choices(model: nn.Module, task_ids: Any, adapter_names: Any) -> Any:
@@ -535,7 +531,7 @@ class TaskIdsGenerate:
 
 def _install_keyword(model: nn.Module) -> None:
     cls: Any = type(model)
-    if "forward" not in vars(model) and not set(KEYWORDS) <= set(inspect.signature(cls.forward).parameters):
+    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
         model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
     if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
         model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
