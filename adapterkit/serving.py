@@ -121,7 +121,7 @@ class Serving:
         for name in wanted:
             if not isinstance(name, str):
                 raise RoutingError(f"adapter choices are names, None or '__base__', got {name!r}")
-            if name not in self.names and (self.library is None or name not in self._entries()):
+            if name not in self.names and name not in self.entries:
                 known = [n for n in self.names if n is not None] + sorted(self.entries)
                 raise RoutingError(f"no adapter named {name!r} is served; served: {known[:8]}"
                                    + (f" ... ({len(known)} in all)" if len(known) > 8 else ""))
@@ -138,14 +138,9 @@ class Serving:
         slot = {n: i for i, n in enumerate(self.names) if n is not None}
         return [base if c is None or c in BASE_NAMES else slot[c] for c in choices]
 
-    def _entries(self) -> dict[str, Entry]:
-        if not self.entries and self.library is not None:
-            self.entries = {e.name: e for e in self.library.entries()}
-        return self.entries
-
     def _load(self, model: nn.Module, name: str, keep: set[str]) -> None:
         """Read the library adapter ``name`` into a free slot, or the least recently used one."""
-        entry = self._entries()[name]
+        entry = self.entries[name]
         if None in self.names:
             slot = self.names.index(None)
         else:
@@ -165,6 +160,7 @@ def serve(
     adapters: Sequence[str] | None = None,
     *,
     library: Library | None = None,
+    entries: Sequence[Entry] | None = None,
     resident: int = 8,
     host: PluginHost | None = None,
 ) -> nn.Module:
@@ -172,8 +168,9 @@ def serve(
     ``task_ids=`` on the forward and ``generate``, or ``adapterkit.route``).
 
     ``adapters``: the named adapters to pack (default: all of them; each stays loaded).
-    ``library``: its adapters are served too, each loaded on first use into one of
-    ``resident`` slots (least recently used out). The packs are a snapshot of the
+    ``library``: its adapters (or the selection ``entries``, e.g. ``library.select(tags=...)``)
+    are served too, each loaded on first use into one of ``resident`` slots (least
+    recently used out); nothing is read from the library but its manifest until then. The packs are a snapshot of the
     adapters' eval weights: ``activate(model, name)`` leaves serving (to train, save or
     merge one) and ``serve`` again packs the current weights. Returns the model.
     """
@@ -188,9 +185,16 @@ def serve(
         raise AdapterkitError("nothing to serve: the model holds no named adapters and no library was given")
     if library is not None and resident < 1:
         raise AdapterkitError(f"resident must be at least 1 to serve a library, got {resident}")
+    if entries is not None and library is None:
+        raise AdapterkitError("entries= is a selection of a library: pass the library too")
+    selection = None if library is None else {e.name: e for e in (library.entries() if entries is None else entries)}
+    clash = sorted(set(selection or ()) & set(chosen))
+    if clash:
+        raise AdapterkitError(f"the library holds an adapter named {clash[0]!r}, as the model does; "
+                              "rename one (a batch names each adapter once)")
     park(model, named)
     try:
-        serving = _pack(model, named, chosen, library, resident if library is not None else 0, host)
+        serving = _pack(model, named, chosen, library, selection or {}, resident if library is not None else 0, host)
     except BaseException:
         _forget_if_empty(model, named)
         raise
@@ -199,7 +203,8 @@ def serve(
 
 
 def _pack(
-    model: nn.Module, named: Named, chosen: list[str], library: Library | None, resident: int, host: PluginHost
+    model: nn.Module, named: Named, chosen: list[str], library: Library | None, entries: dict[str, Entry],
+    resident: int, host: PluginHost,
 ) -> Serving:
     """Build the packed sites (the model is bare: every adapter parked)."""
     live: dict[str, dict[str, AdapterSite]] = {}
@@ -211,7 +216,6 @@ def _pack(
                                   f"adapterkit.activate(model, {name!r}); adapterkit.unmerge(model) first, "
                                   "or serve without it")
         live[name] = parked.sites
-    entries = {e.name: e for e in library.entries()} if library is not None else {}
     kind, names, configs, origin = _plan(model, live, entries, host)
     if chosen:
         first = named.parked[chosen[0]]
@@ -329,13 +333,10 @@ def _read_weights(
 
 @contextlib.contextmanager
 def _bare(model: nn.Module, serving: Serving) -> Iterator[None]:
-    named = getattr(model, NAMED_ATTR)
     stop_serving(model)
-    delattr(model, NAMED_ATTR)
     try:
         yield
     finally:
-        setattr(model, NAMED_ATTR, named)
         resume_serving(model, serving)
 
 

@@ -232,3 +232,44 @@ def test_a_served_model_moves_with_the_base() -> None:
     ids = tokens(2, 5)
     torch.testing.assert_close(logits(moved, ids, adapter_names=["a", None]).float(),
                                logits(model, ids, adapter_names=["a", None]), **ATOL)
+
+
+def test_a_library_as_the_store_loads_on_first_use_with_an_lru_bound() -> None:
+    from adapterkit import Library
+
+    library = Library.init("memory://serving-library")
+    singles = {"__base__": llama()}
+    for seed, r in enumerate((2, 4, 8, 4, 2)):
+        single = adapterkit.attach(llama(), lora(["q_proj", "v_proj"], r, float(r)))
+        randomize(single, seed)
+        library.add(single, f"lib{seed}", tags=["odd"] if seed % 2 else [])
+        singles[f"lib{seed}"] = single
+    model = llama()
+    adapterkit.attach(model, lora(["q_proj", "v_proj"], 16), name="pinned")
+    randomize(model, 7)
+    pinned = adapterkit.attach(llama(), lora(["q_proj", "v_proj"], 16))
+    pinned.load_state_dict(adapterkit.adapter_state_dict(model), strict=False)
+    singles["pinned"] = pinned
+    adapterkit.serve(model, library=library, resident=2)
+    serving = adapterkit.serving.serving_of(model)
+    assert adapterkit.served(model) == ["pinned", None, None] and serving.loads == 0  # nothing read yet
+    ids = tokens(4, 6)
+    check_each_example(model, singles, ["lib0", "pinned", "lib3", None], ids)
+    assert serving.loads == 2 and adapterkit.served(model) == ["pinned", "lib0", "lib3"]
+    check_each_example(model, singles, ["lib3", "lib3", "pinned", "lib3"], ids)  # resident: no read
+    assert serving.loads == 2
+    check_each_example(model, singles, ["lib4", "lib3", None, "lib4"], ids)  # lib0 least recently used: out
+    assert serving.loads == 3 and adapterkit.served(model) == ["pinned", "lib4", "lib3"]
+    check_each_example(model, singles, ["lib0", "lib1", "pinned", "lib0"], ids)  # both evicted in turn
+    assert adapterkit.served(model) == ["pinned", "lib0", "lib1"]
+    with pytest.raises(RoutingError, match="this batch names 3 library adapters but 2 slots are free"):
+        logits(model, ids, adapter_names=["lib2", "lib3", "lib4", None])
+    with pytest.raises(RoutingError, match="no adapter named 'lib9' is served"):
+        logits(model, ids, adapter_names=["lib9", None, None, None])
+    assert adapterkit.served(model) == ["pinned", "lib0", "lib1"]  # refused batches load nothing
+
+    selective = llama()
+    adapterkit.serve(selective, library=library, entries=library.select(tags="odd"), resident=1)
+    check_each_example(selective, singles, ["lib3", None, "lib3", "lib3"], ids)
+    with pytest.raises(RoutingError, match="no adapter named 'lib0' is served"):
+        logits(selective, ids, adapter_names=["lib0", None, None, None])
