@@ -258,7 +258,7 @@ def _plan(
     model: nn.Module, live: Mapping[str, Mapping[str, AdapterSite]], entries: Mapping[str, Entry], host: PluginHost
 ) -> tuple[type[AdapterSite], list[str], dict[str, list[Any]], Recipe]:
     """The kind, the site names and every adapter's config per site, checked to agree."""
-    kinds: dict[str, type] = {}
+    kinds: dict[str, type[AdapterSite]] = {}
     site_sets: dict[str, set[str]] = {}
     configs: dict[str, list[Any]] = {}
     origin: Recipe | None = None
@@ -293,11 +293,11 @@ def _plan(
     if origin is None:
         origin = Recipe.from_dict({"adapter": {"kind": kind.kind, "targets": sorted(site_sets[first])}})
     try:
-        for found in configs.values():
-            kind.serving_config(found)
+        for site_configs in configs.values():
+            kind.serving_config(site_configs)
     except ValueError as exc:
         raise AdapterkitError(f"cannot serve these adapters together: {exc}") from None
-    return kind, sorted(site_sets[first]), configs, origin  # type: ignore[return-value]
+    return kind, sorted(site_sets[first]), configs, origin
 
 
 @torch.no_grad()
