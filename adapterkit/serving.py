@@ -34,6 +34,7 @@ from .attach import (
     _install_keyword,
     _kind_configs,
     _remove_keyword,
+    _summarize,
     override_for,
     remove_state,
     sites,
@@ -199,6 +200,7 @@ def serve(
         _forget_if_empty(model, named)
         raise
     resume_serving(model, serving)
+    serving.state.summary = _summarize(model, serving.state.origin, serving.sites)  # nothing trains: 0 trainable
     return model
 
 

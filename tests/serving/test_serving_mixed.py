@@ -90,10 +90,15 @@ def test_mosa_merged_adapters() -> None:
     check_each_example(model, singles, ["m2", "m0", "m1", None, "m0"], tokens(5, 7))
 
 
-def test_collapsed_poly_tasks() -> None:
-    """A Poly inventory's tasks, each collapsed to a plain LoRA, served side by side."""
-    recipe = {"adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "skills": 4, "r": 4, "alpha": 1},
-              "router": {"name": "poly", "tasks": 3}}
+@pytest.mark.parametrize("heads", [1, 2], ids=["poly", "mhr"])
+def test_collapsed_poly_and_mhr_tasks(heads: int) -> None:
+    """A Poly (MHR: 2 heads) inventory's tasks, each collapsed to a plain LoRA, served side by side."""
+    recipe: dict[str, Any] = {
+        "adapter": {"kind": "lora", "targets": ["q_proj", "v_proj"], "skills": 4, "r": 4, "alpha": 1},
+        "router": {"name": "poly" if heads == 1 else "mhr", "tasks": 3},
+    }
+    if heads > 1:
+        recipe["splitter"] = {"name": "mhr", "heads": heads}
     inventory = adapterkit.attach(llama(), recipe)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -273,3 +278,11 @@ def test_a_library_as_the_store_loads_on_first_use_with_an_lru_bound() -> None:
     check_each_example(selective, singles, ["lib3", None, "lib3", "lib3"], ids)
     with pytest.raises(RoutingError, match="no adapter named 'lib0' is served"):
         logits(selective, ids, adapter_names=["lib0", None, None, None])
+
+
+def test_a_serving_model_reports_its_packed_sites() -> None:
+    model, _ = served(llama, {"a": lora(["q_proj"], 4), "b": lora(["q_proj"], 8)})
+    report = adapterkit.summary(model)
+    assert [s.name for s in report.sites] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert report.trainable == 0  # serving is inference: the packs do not train
+    assert str(report).endswith("trainable 0 of {:,} parameters (0.000%)".format(report.total))
