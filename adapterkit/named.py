@@ -15,7 +15,7 @@ are. :func:`adapterkit.serve` runs batches in which each example picks its adapt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -233,17 +233,18 @@ def _check_compatible(model: nn.Module, named: Named, name: str) -> None:
                                     "named adapters on one model adapt the same modules")
 
 
-def add_named(model: nn.Module, name: str, make: Any) -> nn.Module:
+def add_named(model: nn.Module, name: str, make: Callable[[], object]) -> nn.Module:
     """Park the active adapter, run ``make()`` (which attaches or loads onto the bare
     sites), check the result fits beside the others and make it active as ``name``. A
     refused or failing ``make`` leaves the model as it was."""
     model = unwrap(model)
     check_name(name)
     fresh = registry(model) is None
-    named = _adopt(model)
-    if name in named.parked:
+    taken = [DEFAULT_NAME] if fresh and hasattr(model, STATE_ATTR) else adapters(model)
+    if name in taken:
         raise AttachError(None, f"the model already holds an adapter named {name!r}; "
                                 f"adapterkit.delete(model, {name!r}) first")
+    named = _adopt(model)
     serving, before = named.serving, named.active
     park(model, named)
     try:
@@ -266,7 +267,7 @@ def add_named(model: nn.Module, name: str, make: Any) -> nn.Module:
     return model
 
 
-def load_named(model: nn.Module, name: str, load: Any) -> nn.Module:
+def load_named(model: nn.Module, name: str, load: Callable[[], object]) -> nn.Module:
     """``load(url, model, name=name)``: into the named adapter ``name`` if the model holds
     one (made active), else as a new named adapter."""
     named = registry(model)

@@ -192,3 +192,10 @@ def test_modules_to_save_follow_their_adapter() -> None:
     torch.testing.assert_close(plain, logits(reference, ids), rtol=0, atol=0)  # lm_head as before "head"
     adapterkit.activate(model, "head")
     assert (logits(model, ids) - plain).abs().max() > 1.0  # the trained head is back
+
+
+def test_a_taken_default_name_leaves_an_unnamed_adapter_unnamed() -> None:
+    model = adapterkit.attach(llama(), lora(TARGETS, 4))
+    with pytest.raises(AttachError, match="already holds an adapter named 'default'"):
+        adapterkit.attach(model, lora(TARGETS, 4), name="default")
+    assert adapterkit.adapters(model) == [] and adapterkit.summary(model).trainable > 0
