@@ -13,7 +13,6 @@ from .attach import (
     is_attached,
     merge,
     recipe_of,
-    route,
     sites,
     summary,
     unmerge,
@@ -31,6 +30,7 @@ from .serving import adapter_ids, serve, served
 from .site import AdapterSite
 from .stack import stack
 from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
+from .task_ids import route
 
 __version__ = "0.1.0"
 

@@ -1,125 +1,38 @@
-"""``attach``: inject the adapters of a recipe into any ``nn.Module``; ``route``; ``merge``."""
+"""``attach``: inject the adapters of a recipe into any ``nn.Module``; ``merge``, ``detach``."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import json
 import logging
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import attrs
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterkitError, AttachError, RecipeError, RoutingError
+from .describe import describe, json_ready
+from .errors import AdapterkitError, AttachError, RecipeError
 from .plugins import PluginHost, get_host
 from .recipe import DEFAULT_ROLE_NAMES, ROLES, Recipe, build_config
 from .roles import AdaptMode, Folded, Merger
 from .site import AdapterSite, RoutingState
-from .wording import plural
+from .state import (
+    NAMED_ATTR,
+    STATE_ATTR,
+    AttachState,
+    AttachSummary,
+    SiteSummary,
+    editable_state,
+    state_of,
+    unwrap,
+)
+from .targets import find_sites, match_target, override_for
+from .task_ids import install_keyword, remove_keyword
 
 log = logging.getLogger("adapterkit")
-STATE_ATTR = "_adapterkit"
-NAMED_ATTR = "_adapterkit_named"  # named adapters (adapterkit.named): the parked ones and which is active
 SAVED_PREFIX = "modules_to_save/"  # key namespace of modules_to_save tensors: modules_to_save/<module>/<tensor>
-
-
-@attrs.frozen
-class SiteSummary:
-    name: str
-    base: str
-    trainable: int
-
-
-@attrs.frozen
-class AttachSummary:
-    """What ``attach`` did: the sites and the parameter counts."""
-
-    recipe: Recipe
-    sites: tuple[SiteSummary, ...]
-    trainable: int
-    total: int
-    saved: tuple[SiteSummary, ...] = ()  # modules_to_save: trained fully, saved with the adapter
-
-    def __str__(self) -> str:
-        lines = [f"{'site':<48} {'base':<16} {'trainable':>10}"]
-        lines += [f"{s.name:<48} {s.base:<16} {s.trainable:>10,}" for s in self.sites]
-        lines += [f"{s.name + ' (saved)':<48} {s.base:<16} {s.trainable:>10,}" for s in self.saved]
-        share = 100.0 * self.trainable / max(self.total, 1)
-        saved = f" + {plural(len(self.saved), 'module')} to save" if self.saved else ""
-        lines.append(
-            f"{plural(len(self.sites), 'site')}{saved}; "
-            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
-        )
-        return "\n".join(lines)
-
-
-@attrs.define
-class AttachState:
-    """Kept on the model under ``_adapterkit``: what the model holds now and how it got there.
-
-    ``recipe`` describes the adapter sites the model holds now (``None`` once every site
-    was folded); ``folded`` holds the plain single-skill sites whose updates were added to
-    their base weights. ``history`` records each step (attach, merge, adapt) with the
-    plugin and version that made it. ``originals`` and ``requires_grad`` are what
-    :func:`detach` restores.
-    """
-
-    recipe: Recipe | None
-    origin: Recipe
-    routing: RoutingState
-    originals: dict[str, nn.Module]
-    requires_grad: dict[str, bool]
-    folded: dict[str, AdapterSite] = attrs.field(factory=dict)
-    history: list[dict[str, Any]] = attrs.field(factory=list)
-    undo: list[tuple[dict[str, AdapterSite], Recipe | None, dict[str, AdapterSite]]] = attrs.field(factory=list)
-    n_tasks: int | None = None
-    summary: AttachSummary | None = None
-    # modules_to_save by name: a copy of their tensors from before attach (detach and
-    # disabled() put these back, as PEFT's ModulesToSaveWrapper keeps the original module)
-    saved: dict[str, dict[str, Tensor]] = attrs.field(factory=dict)
-    # mixed-adapter serving (adapterkit.serving.Serving): maps adapter choices to ids; None otherwise
-    serving: Any = None
-
-
-def match_target(name: str, pattern: str) -> bool:
-    """PEFT-like target matching.
-
-    ``re:<regex>`` full-matches the module name; a pattern with ``*`` or ``?`` is a glob
-    over the full name where ``*`` stays within one dotted component and ``**`` crosses
-    them (``encoder.layer.*.output``); otherwise it matches the name or its dotted
-    suffix (``query`` matches ``encoder.layer.0.attention.self.query``).
-    """
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if "*" in pattern or "?" in pattern:
-        return re.fullmatch(_glob_regex(pattern), name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-@functools.lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> str:
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    table = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
-    return "".join(table.get(part, re.escape(part)) for part in parts)
-
-
-def find_sites(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Names of modules matching any target, outermost only (no nested sites)."""
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, AdapterSite):
-            continue
-        if any(name.startswith(f + ".") for f in found):
-            continue
-        if any(match_target(name, p) for p in targets):
-            found.append(name)
-    return found
 
 
 def _role(host: PluginHost, role: str, recipe: Recipe) -> tuple[type, Any]:
@@ -128,15 +41,7 @@ def _role(host: PluginHost, role: str, recipe: Recipe) -> tuple[type, Any]:
     return cls, build_config(cls, spec.args, f"{role} {spec.name!r}")
 
 
-def override_for(recipe: Recipe, name: str) -> str | None:
-    """The ``overrides`` pattern that matches site ``name`` (``None``: none); two are an error."""
-    matches = [p for p in recipe.overrides if match_target(name, p)]
-    if len(matches) > 1:
-        raise AttachError(name, f"overrides {matches} all match it; at most one may")
-    return matches[0] if matches else None
-
-
-def _kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
+def kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
     """The kind's config per override pattern (``None``: the recipe's own arguments)."""
     what = f"adapter kind {recipe.kind!r}"
     configs: dict[str | None, Any] = {None: build_config(kind_cls, recipe.kind_args, what)}
@@ -148,7 +53,7 @@ def _kind_configs(kind_cls: type, recipe: Recipe) -> dict[str | None, Any]:
 def build_sites(model: nn.Module, recipe: Recipe, names: Sequence[str], host: PluginHost) -> dict[str, AdapterSite]:
     """The recipe's sites for the modules ``names`` of ``model``, without installing them."""
     kind_cls = host.kinds[recipe.kind]
-    configs = _kind_configs(kind_cls, recipe)
+    configs = kind_configs(kind_cls, recipe)
     splitter_cls, splitter_cfg = _role(host, "splitter", recipe)
     sampler_cls, sampler_cfg = _role(host, "sampler", recipe)
     router_cls, router_cfg = _role(host, "router", recipe)
@@ -177,7 +82,7 @@ def planned_elements(model: nn.Module, recipe: Recipe, *, host: PluginHost | Non
     make it allocate far beyond the file."""
     host = host or get_host()
     kind_cls = host.kinds[recipe.kind]
-    configs = _kind_configs(kind_cls, recipe)
+    configs = kind_configs(kind_cls, recipe)
     total = 0
     for name in find_sites(model, recipe.targets):
         try:
@@ -268,8 +173,8 @@ def attach_one(model: nn.Module, recipe: Recipe, *, host: PluginHost | None = No
     state.history.append({"op": "attach", "method": method_name(recipe), "plugins": providers(recipe, host)})
     setattr(model, STATE_ATTR, state)
     if any(site.router.needs_task_ids for site in new_sites.values()):
-        _install_keyword(model)
-    state.summary = _summarize(model, recipe, new_sites, saved_names)
+        install_keyword(model)
+    state.summary = summarize(model, recipe, new_sites, saved_names)
     log.info("adapterkit attached:\n%s", state.summary)
     return model
 
@@ -297,7 +202,7 @@ def _n_tasks(found: Mapping[str, AdapterSite]) -> int | None:
     return min(counts) if counts else None  # type: ignore[type-var]
 
 
-def _summarize(
+def summarize(
     model: nn.Module, recipe: Recipe, sites: dict[str, AdapterSite], saved: Sequence[str] = ()
 ) -> AttachSummary:
     rows = tuple(
@@ -311,29 +216,6 @@ def _summarize(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AttachSummary(recipe, rows, trainable, total, saved_rows)
-
-
-def state_of(model: nn.Module) -> AttachState:
-    model = unwrap(model)
-    state = getattr(model, STATE_ATTR, None)
-    if state is None:
-        if hasattr(model, NAMED_ATTR):
-            from .named import adapters
-
-            raise AdapterkitError(f"no named adapter is active; adapterkit.activate(model, name) with a name "
-                                  f"of {adapters(model)}")
-        raise AdapterkitError("model has no adapters attached; call adapterkit.attach(model, recipe) first")
-    return state  # type: ignore[no-any-return]
-
-
-def editable_state(model: nn.Module) -> AttachState:
-    """``state_of`` for calls that change or write the adapter: refused while the model serves
-    mixed-adapter batches (its sites then hold packed copies, see ``adapterkit.serve``)."""
-    state = state_of(model)
-    if state.serving is not None:
-        raise AdapterkitError("the model serves several adapters in mixed batches; "
-                              "adapterkit.activate(model, name) picks one to work on")
-    return state
 
 
 def summary(model: nn.Module) -> AttachSummary:
@@ -381,7 +263,7 @@ def saved_modules(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def _put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+def put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
     """Copy ``values`` into the modules to save in place; returns what they held before."""
     before: dict[str, dict[str, Tensor]] = {}
     for module, tensors in values.items():
@@ -390,157 +272,6 @@ def _put_saved(model: nn.Module, values: Mapping[str, Mapping[str, Tensor]]) -> 
         for key, tensor in live.items():
             tensor.copy_(tensors[key])
     return before
-
-
-WRAPPER_ATTRS = ("_orig_mod", "module")  # torch.compile's OptimizedModule; DDP, DataParallel, engines
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The attached model inside training and compile wrappers: ``.module`` (DDP,
-    DataParallel, accelerate's and DeepSpeed's engines) and ``._orig_mod``
-    (``torch.compile``), peeled until a module holds adapterkit state; ``model`` itself
-    when none does. Every public call on an attached model goes through it."""
-    inner = model
-    while not (hasattr(inner, STATE_ATTR) or hasattr(inner, NAMED_ATTR)):
-        wrapped = next((m for m in (getattr(inner, a, None) for a in WRAPPER_ATTRS) if isinstance(m, nn.Module)), None)
-        if wrapped is None:
-            return model
-        inner = wrapped
-    return inner
-
-
-def checked_task_ids(model: nn.Module, task_ids: Tensor | Sequence[Any] | int) -> Tensor:
-    """``task_ids`` as a 1-D long tensor on the model's device, validated (integer dtype,
-    range). Eager, the range check reads the ids (one host sync, here and not in the
-    sites); inside a compiled region it is a device-side assert, so no graph breaks."""
-    state = state_of(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if state.serving is not None:  # mixed-adapter batches: names or slot ids (adapterkit.serving)
-        return state.serving.ids(model, task_ids, device)  # type: ignore[no-any-return]
-    ids = torch.as_tensor(task_ids, device=device)
-    if ids.dim() == 0:
-        ids = ids.reshape(1)
-    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise RoutingError(f"task ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
-    ids = ids.long()
-    n = state.n_tasks
-    if n is None or not ids.numel():
-        return ids
-    if torch.compiler.is_compiling():
-        torch._assert_async(((ids >= 0) & (ids < n)).all(), f"task ids must lie in [0, {n})")
-    elif int(ids.min()) < 0 or int(ids.max()) >= n:
-        bad = sorted({i for i in ids.tolist() if not 0 <= i < n})
-        raise RoutingError(f"task ids must lie in [0, {n}); out of range: {bad[:8]}")
-    return ids
-
-
-@contextlib.contextmanager
-def route(model: nn.Module, task_ids: Tensor | Sequence[Any] | int) -> Iterator[Tensor]:
-    """Make ``task_ids`` (one per example, or one for the whole batch) reach routed sites.
-
-    Validated here, once per forward (range, integer dtype, 1-D), so the sites themselves
-    do no host syncs and stay ``torch.compile(fullgraph=True)`` friendly. A routed model
-    also takes them as a forward keyword, ``model(**batch, task_ids=ids)``, and
-    ``model.generate(..., task_ids=ids)`` repeats them for beams and returned sequences.
-    A model serving mixed batches (``adapterkit.serve``) takes adapter names here too.
-    """
-    model = unwrap(model)
-    ids = checked_task_ids(model, task_ids)
-    routing = state_of(model).routing
-    previous = routing.task_ids
-    routing.task_ids = ids
-    try:
-        yield ids
-    finally:
-        routing.task_ids = previous
-
-
-# --- the task_ids keyword: instance-level forward and generate of a routed model ---------
-
-
-@functools.cache
-def _signature_with_task_ids(cls: Any) -> inspect.Signature:
-    """``cls.forward``'s signature (without ``self``) plus a keyword-only ``task_ids`` (the
-    call also takes ``adapter_names=``, PEFT's keyword, on a serving model)."""
-    signature = inspect.signature(cls.forward)
-    params = list(signature.parameters.values())[1:]
-    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    keyword = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    return signature.replace(parameters=[*params[:at], keyword, *params[at:]])
-
-
-def _choices(model: nn.Module, task_ids: Any, adapter_names: Any) -> Any:
-    """The routing choices of a call: ``task_ids`` or ``adapter_names`` (which needs ``serve``)."""
-    if adapter_names is None:
-        return task_ids
-    if task_ids is not None:
-        raise RoutingError("pass task_ids= or adapter_names=, not both")
-    if state_of(model).serving is None:
-        raise RoutingError("adapter_names= picks adapters in mixed batches: adapterkit.serve(model) first")
-    return adapter_names
-
-
-class TaskIdsForward:
-    """The ``forward`` of a routed model's instance: its class's ``forward``, plus
-    ``task_ids=`` routed for the call (validated, restored afterwards, also on errors).
-    Its signature is the class's plus that keyword, so tools that read it (the Trainer's
-    column filter, ``generate``'s argument check) see it. A plain object holding the
-    model, so copies and pickles of the model keep it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        cls: Any = type(model)
-        self.model = model
-        self.__signature__ = _signature_with_task_ids(cls)
-
-    def __call__(self, *args: Any, task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
-        model = self.model
-        forward = type(model).forward
-        task_ids = _choices(model, task_ids, adapter_names)
-        if task_ids is None:
-            return forward(model, *args, **kwargs)
-        routing = state_of(model).routing
-        previous = routing.task_ids
-        routing.task_ids = checked_task_ids(model, task_ids)
-        try:
-            return forward(model, *args, **kwargs)
-        finally:
-            routing.task_ids = previous
-
-
-class TaskIdsGenerate:
-    """The ``generate`` of a routed model's instance: with ``task_ids=`` (or inside
-    ``route``) the ids stay routed for the whole call (an encoder sees the batch as given)
-    and are repeated for each example's beams and returned sequences
-    (``RoutingState.repeat``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, *args: Any, task_ids: Any = None, adapter_names: Any = None, **kwargs: Any) -> Any:
-        model = self.model
-        task_ids = _choices(model, task_ids, adapter_names)
-        routing = state_of(model).routing
-        before = routing.repeat
-        routing.repeat = True
-        try:
-            with route(model, task_ids) if task_ids is not None else contextlib.nullcontext():
-                return type(model).generate(model, *args, **kwargs)  # type: ignore[attr-defined]
-        finally:
-            routing.repeat = before
-
-
-def _install_keyword(model: nn.Module) -> None:
-    cls: Any = type(model)
-    if "forward" not in vars(model) and "task_ids" not in inspect.signature(cls.forward).parameters:
-        model.forward = TaskIdsForward(model)  # type: ignore[method-assign]
-    if callable(getattr(cls, "generate", None)) and "generate" not in vars(model):
-        model.generate = TaskIdsGenerate(model)  # type: ignore[assignment]
-
-
-def _remove_keyword(model: nn.Module) -> None:
-    for name, kind in (("forward", TaskIdsForward), ("generate", TaskIdsGenerate)):
-        if isinstance(vars(model).get(name), kind):
-            del model.__dict__[name]
 
 
 def merge(model: nn.Module, merger: str | None = None, *, host: PluginHost | None = None, **args: Any) -> nn.Module:
@@ -636,20 +367,11 @@ def _plain_fold(site: AdapterSite) -> tuple[AdapterSite, Tensor]:
 
 def _step(op: str, name: str, args: Mapping[str, Any], plugin: str, host: PluginHost) -> dict[str, Any]:
     version = host.plugin_versions().get(plugin, "unknown")
-    return {"op": op, "name": name, "args": _plain(dict(args)), "plugin": plugin, "version": version}
-
-
-def _plain(value: Any) -> Any:
-    """JSON-friendly copy: tuples become lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return {"op": op, "name": name, "args": json_ready(dict(args)), "plugin": plugin, "version": version}
 
 
 @torch.no_grad()
-def _unfold(folded: Mapping[str, AdapterSite]) -> None:
+def unfold(folded: Mapping[str, AdapterSite]) -> None:
     for plain in folded.values():
         weight = _base_weight(plain)
         weight.copy_(weight - plain.delta_weight())
@@ -663,7 +385,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     if not state.undo:
         raise AdapterkitError("nothing to unmerge: this model was not merged since it was attached or loaded")
     before, recipe, folded = state.undo.pop()
-    _unfold({n: s for n, s in state.folded.items() if n not in folded})
+    unfold({n: s for n, s in state.folded.items() if n not in folded})
     for site_name, site in before.items():
         model.set_submodule(site_name, site)
     state.recipe, state.folded = recipe, folded
@@ -690,12 +412,12 @@ def remove_state(model: nn.Module) -> None:
     """Take the active adapter out of ``model``: originals back, folded updates subtracted,
     the modules to save restored, ``requires_grad`` as before its attach."""
     state = state_of(model)
-    _unfold(state.folded)
-    _put_saved(model, state.saved)
+    unfold(state.folded)
+    put_saved(model, state.saved)
     for name, original in state.originals.items():
         model.set_submodule(name, original)
     restore_requires_grad(model, state.requires_grad)
-    _remove_keyword(model)
+    remove_keyword(model)
     delattr(model, STATE_ATTR)
 
 
@@ -719,11 +441,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     current = sites(model)
     for name, site in current.items():
         model.set_submodule(name, site.base)
-    trained = _put_saved(model, state.saved)
+    trained = put_saved(model, state.saved)
     try:
         yield model
     finally:
-        _put_saved(model, trained)
+        put_saved(model, trained)
         for name, site in current.items():
             model.set_submodule(name, site)
 
@@ -764,115 +486,6 @@ def replace_sites(model: nn.Module, new: Mapping[str, AdapterSite]) -> None:
             raise AdapterkitError(f"{name!r} is not an adapter site of this model")
         site.train(current[name].training)
         model.set_submodule(name, site)
-
-
-# --- describing the sites a model holds --------------------------------------------------
-
-
-def describe(
-    found: Mapping[str, AdapterSite], origin: Recipe, host: PluginHost | None = None,
-    attached: Sequence[str] | None = None,
-) -> Recipe:
-    """The recipe that attaching to a fresh base model rebuilds ``found`` from (values aside).
-
-    Derived from the sites themselves: the registered names of their kind, splitter,
-    sampler and router classes (the names ``origin`` used where they still apply) and
-    the arguments in which their configs differ from ``origin``'s; the merger becomes
-    ``identity`` once anything changed. The targets are ``origin``'s when ``found`` are
-    all the ``attached`` sites, else the exact site names. Every site must agree.
-    """
-    host = host or get_host()
-    described = [_describe_site(name, site, origin, host) for name, site in found.items()]
-    variants = {text for text, *_ in described}
-    split = _split_args(described, host.kinds[json.loads(next(iter(variants)))["adapter"]["kind"]]) \
-        if len(variants) == 1 else None
-    if split is None:
-        raise AdapterkitError(f"the sites no longer share one recipe ({max(len(variants), 2)} variants); "
-                              "a merger must leave every site of the same kind and roles")
-    kind_args, overrides = split
-    data = json.loads(variants.pop())
-    data["adapter"].update(kind_args)
-    if overrides:
-        data["adapter"]["overrides"] = overrides
-    if origin.modules_to_save:
-        data["adapter"]["modules_to_save"] = list(origin.modules_to_save)
-    unchanged = _plain({k: v for k, v in origin.to_dict().items() if k != "merger"}) == _plain(data)
-    data["merger"] = origin.merger.to_dict() if unchanged else {"name": "identity"}
-    recipe = Recipe.from_dict(data)
-    if attached is not None and set(found) != set(attached):
-        recipe = attrs.evolve(recipe, targets=tuple("re:" + re.escape(n) for n in found))
-    return recipe
-
-
-Described = tuple[str, dict[str, Any], "str | None", dict[str, Any]]
-
-
-def _describe_site(name: str, site: AdapterSite, origin: Recipe, host: PluginHost) -> Described:
-    """The site's recipe without kind arguments (JSON), its kind arguments, the ``overrides``
-    pattern of ``origin`` they are relative to (``None``: the recipe's own), and every field
-    of its kind config."""
-    kind = _registered_name(host, "kind", type(site), origin.kind)
-    pattern = override_for(origin, name) if kind == origin.kind else None
-    given = origin.site_args(pattern) if kind == origin.kind else {}
-    data: dict[str, Any] = {
-        "seed": origin.seed,
-        "adapter": {"kind": kind, "targets": list(origin.targets), "skills": site.skills},
-    }
-    for role, obj in (("splitter", site.splitter), ("sampler", site.sampler), ("router", site.router)):
-        spec = origin.role(role)
-        role_name = _registered_name(host, role, type(obj), spec.name)
-        role_given = spec.args if role_name == spec.name else {}
-        data[role] = {"name": role_name, **_args(obj.config, host.registries[role][role_name], role_given,
-                                                 f"{role} {role_name!r}")}
-    args = _plain(_args(site.config, host.kinds[kind], given, f"adapter kind {kind!r}"))
-    fields = {f.name: _plain(getattr(site.config, f.name)) for f in attrs.fields(type(site.config))}
-    return json.dumps(_plain(data), sort_keys=True), args, pattern, fields
-
-
-def _split_args(
-    described: Sequence[Described], kind_cls: type
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
-    """The recipe's kind arguments and the ``overrides`` (only the fields in which sites
-    differ from those arguments) of described sites; ``None`` when they disagree."""
-    plain = [args for _, args, pattern, _ in described if pattern is None]
-    if plain:
-        base = plain[0]
-        if any(args != base for args in plain):
-            return None
-    else:  # every site is under an override: the arguments they all share are the base
-        first = described[0][1]
-        base = {k: v for k, v in first.items() if all(d[1].get(k) == v for d in described)}
-    reference = build_config(kind_cls, base, "adapter kind")
-    overrides: dict[str, dict[str, Any]] = {}
-    for _, _, pattern, fields in described:
-        if pattern is None:
-            continue
-        diff = {k: v for k, v in fields.items() if _plain(getattr(reference, k)) != v}
-        if overrides.setdefault(pattern, diff) != diff:
-            return None
-    return base, {p: d for p, d in overrides.items() if d}
-
-
-def _registered_name(host: PluginHost, role: str, cls: type, preferred: str) -> str:
-    registry = host.registries[role]
-    if preferred in registry and registry[preferred] is cls:
-        return preferred
-    for name in registry:
-        if registry[name] is cls:
-            return name
-    raise AdapterkitError(f"{role} class {cls.__qualname__} is not registered by any plugin, "
-                          "so a file cannot name it; register it in a plugin")
-
-
-def _args(config: Any, cls: type, given: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``given`` updated with every config field whose value differs from what ``given`` builds."""
-    out = dict(given)
-    reference = build_config(cls, given, what)
-    for field in attrs.fields(type(config)):
-        value = getattr(config, field.name)
-        if value != getattr(reference, field.name):
-            out[field.name] = _plain(value)
-    return out
 
 
 def is_attached(model: nn.Module) -> bool:

@@ -25,21 +25,20 @@ from .attach import (
     NAMED_ATTR,
     STATE_ATTR,
     AttachState,
-    _install_keyword,
-    _put_saved,
-    _remove_keyword,
-    _unfold,
     attach_one,
+    put_saved,
     remove_state,
     restore_requires_grad,
     sites,
     state_of,
+    unfold,
     unwrap,
 )
 from .errors import AdapterkitError, AttachError
 from .plugins import PluginHost
 from .recipe import Recipe
 from .site import AdapterSite, _device_of
+from .task_ids import install_keyword, remove_keyword
 
 DEFAULT_NAME = "default"  # what an unnamed adapter is called once a named one joins it
 BASE_NAMES = ("__base__",)  # an example's choice of no adapter (PEFT's name for it), besides None
@@ -129,8 +128,8 @@ def park(model: nn.Module, named: Named) -> None:
     current = sites(model)
     for site_name, site in current.items():
         model.set_submodule(site_name, site.base)
-    trained = _put_saved(model, state.saved)
-    _remove_keyword(model)
+    trained = put_saved(model, state.saved)
+    remove_keyword(model)
     delattr(model, STATE_ATTR)
     named.parked[named.active] = Parked(state, current, trained)
     named.active = None
@@ -142,10 +141,10 @@ def _unpark(model: nn.Module, named: Named, name: str) -> None:
     for site_name, site in parked.sites.items():
         site.to(device=_device_of(site.base))  # the model may have moved while this adapter was parked
         model.set_submodule(site_name, site)
-    _put_saved(model, parked.saved)
+    put_saved(model, parked.saved)
     setattr(model, STATE_ATTR, parked.state)
     if any(site.router.needs_task_ids for site in parked.sites.values()):
-        _install_keyword(model)
+        install_keyword(model)
     named.parked[name] = None
     named.active = name
 
@@ -205,7 +204,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     park(model, named)
     parked = named.parked.pop(name)
     assert parked is not None
-    _unfold(parked.state.folded)
+    unfold(parked.state.folded)
     _forget_if_empty(model, named)
     return model
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .roles import Configurable
+from .task_ids import route
 from .zoo import Backbone, Classifier, Example, WorkflowModel
 
 BodyKind = Literal["encoder", "causal-lm", "seq2seq"]
@@ -116,8 +117,6 @@ def device_of(model: nn.Module) -> torch.device:
 
 def routing(model: WorkflowModel, task_ids: Tensor, routed: bool) -> contextlib.AbstractContextManager[Any]:
     """``adapterkit.route(model.body, task_ids)`` when the model routes, else nothing."""
-    from .attach import route  # (attach imports the plugin host, which imports this module)
-
     return route(model.body, task_ids) if routed else contextlib.nullcontext()  # type: ignore[arg-type]
 
 

@@ -31,13 +31,11 @@ from .attach import (
     NAMED_ATTR,
     STATE_ATTR,
     AttachState,
-    _install_keyword,
-    _kind_configs,
-    _remove_keyword,
-    _summarize,
+    kind_configs,
     override_for,
     remove_state,
     sites,
+    summarize,
     unwrap,
 )
 from .errors import AdapterkitError, RoutingError
@@ -46,6 +44,7 @@ from .plugins import PluginHost, get_host
 from .recipe import Recipe
 from .roles import Router, Sampler, Splitter
 from .site import AdapterSite, RoutingState
+from .task_ids import install_keyword, remove_keyword
 
 if TYPE_CHECKING:
     from .library import Entry, Library
@@ -200,7 +199,7 @@ def serve(
         _forget_if_empty(model, named)
         raise
     resume_serving(model, serving)
-    serving.state.summary = _summarize(model, serving.state.origin, serving.sites)  # nothing trains: 0 trainable
+    serving.state.summary = summarize(model, serving.state.origin, serving.sites)  # nothing trains: 0 trainable
     return model
 
 
@@ -279,7 +278,7 @@ def _plan(
         cls = host.kinds[recipe.kind]
         kinds[name] = cls
         site_sets[name] = set(entry.sites)
-        by_pattern = _kind_configs(cls, recipe)
+        by_pattern = kind_configs(cls, recipe)
         for site_name in entry.sites:
             configs.setdefault(site_name, []).append(by_pattern[override_for(recipe, site_name)])
     first = next(iter(kinds))
@@ -348,7 +347,7 @@ def resume_serving(model: nn.Module, serving: Serving) -> None:
     for site_name, site in serving.sites.items():
         model.set_submodule(site_name, site)
     setattr(model, STATE_ATTR, serving.state)
-    _install_keyword(model)
+    install_keyword(model)
     named.serving = serving
 
 
@@ -359,7 +358,7 @@ def stop_serving(model: nn.Module) -> None:
         return
     for site_name, base in named.serving.bases.items():
         model.set_submodule(site_name, base)
-    _remove_keyword(model)
+    remove_keyword(model)
     delattr(model, STATE_ATTR)
     named.serving = None
 

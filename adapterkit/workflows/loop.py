@@ -23,13 +23,14 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from ..attach import folded_sites, merge, recipe_of, route, sites
+from ..attach import folded_sites, merge, recipe_of, sites
 from ..errors import AdapterkitError
 from ..objectives import Classification, Decoding, Objective
 from ..plugins import get_host
 from ..progress import progress
 from ..recipe import build_config
 from ..roles import LossTerm
+from ..task_ids import route
 from ..training import freeze_norm_statistics, set_progress
 from ..zoo import WorkflowModel
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -285,4 +285,4 @@ def test_a_serving_model_reports_its_packed_sites() -> None:
     report = adapterkit.summary(model)
     assert [s.name for s in report.sites] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     assert report.trainable == 0  # serving is inference: the packs do not train
-    assert str(report).endswith("trainable 0 of {:,} parameters (0.000%)".format(report.total))
+    assert str(report).endswith(f"trainable 0 of {report.total:,} parameters (0.000%)")
