@@ -23,6 +23,7 @@ Usage: ``python benchmarks/stream.py [--quick] [--lines 100000,1000000] [--steps
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -78,6 +79,12 @@ def peak_mb() -> tuple[float, float]:
     return hwm / 1024, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
+def reset_peak() -> None:
+    """Restart ``VmHWM`` at the current RSS (Linux: ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _pipeline(result: Any, workers: int | None = None) -> tuple[Any, Any]:
     """The run's streamed train split as a pipeline (its own DataLoader workers), and one epoch's plan."""
     from adapterkit import workflows
@@ -96,8 +103,9 @@ def _pipeline(result: Any, workers: int | None = None) -> tuple[Any, Any]:
 
 def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``--steps`` steps on the file, then iterate the pipeline over all of it."""
-    from adapterkit import workflows
     from adapterkit_zoo.minilm import MiniLM
+
+    from adapterkit import workflows
 
     MiniLM(MiniLM.Config()).build()  # torch, transformers and the model loaded: what any run holds
     baseline, _ = peak_mb()
@@ -106,13 +114,20 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
                              echo=lambda _: None)
     trained = time.perf_counter() - started
     stream, plan = _pipeline(result)
+    trained_peak, _ = peak_mb()
+    steps = result.steps
+    del result
+    gc.collect()
+    reset_peak()  # from here: the peak of reading and tokenizing the whole file alone
     started, examples = time.perf_counter(), 0
     for _, part in stream.batches(plan):
         examples += len(part)
     iterated = time.perf_counter() - started
-    own, workers = peak_mb()
-    return {"records": len(stream), "baseline_rss_mb": baseline, "train_steps": result.steps, "train_s": trained, "iterated_examples": examples,
-            "iterate_s": iterated, "peak_rss_mb": own, "worker_peak_rss_mb": workers}
+    iterate_peak, workers = peak_mb()
+    return {"records": len(stream), "baseline_rss_mb": baseline, "train_steps": steps, "train_s": trained,
+            "iterated_examples": examples,
+            "iterate_s": iterated, "peak_rss_mb": max(trained_peak, iterate_peak), "train_peak_rss_mb": trained_peak,
+            "iterate_peak_rss_mb": iterate_peak, "worker_peak_rss_mb": workers}
 
 
 def child_throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,6 +248,7 @@ def main() -> None:
         throughput = run_child("throughput", files[sizes[0]], test, args)
     peaks = [m["peak_rss_mb"] for m in memory]
     growth = peaks[-1] - peaks[0]
+    iterate_growth = memory[-1]["iterate_peak_rss_mb"] - memory[0]["iterate_peak_rss_mb"]
     default = next(p for p in throughput["pipeline"] if p["workers"] == 1)
     ratio = default["examples_per_s"] / throughput["model_examples_per_s"]
     loop = throughput["loop"]
@@ -241,14 +257,16 @@ def main() -> None:
         "threads": args.threads, "steps": args.steps,
         "memory": memory,
         "bound": {"peak_rss_mb": BOUND_MB, "growth_mb": GROWTH_MB, "largest_peak_mb": peaks[-1],
-                  "growth_measured_mb": growth, "met": peaks[-1] <= BOUND_MB and growth <= GROWTH_MB},
+                  "growth_measured_mb": growth, "iterate_growth_mb": iterate_growth,
+                  "met": peaks[-1] <= BOUND_MB and growth <= GROWTH_MB and iterate_growth <= GROWTH_MB},
         "throughput": {**throughput, "default_workers": 1, "pipeline_over_model": ratio,
                        "bottleneck": "model" if ratio > 1 else "data",
                        "loop_streamed_over_pre_encoded": loop["streamed"]["seconds"] / loop["pre-encoded"]["seconds"]},
     }
     path = write_json("stream", payload, out_dir)
     print_table("memory (peak RSS, MB)", memory,
-                ["lines", "file_mb", "baseline_rss_mb", "peak_rss_mb", "worker_peak_rss_mb", "train_s", "iterate_s"])
+                ["lines", "file_mb", "baseline_rss_mb", "train_peak_rss_mb", "iterate_peak_rss_mb",
+                 "worker_peak_rss_mb", "train_s", "iterate_s"])
     print_table("throughput (examples/s)", [*throughput["pipeline"], {"workers": "model step",
                 "examples_per_s": throughput["model_examples_per_s"]}], ["workers", "examples_per_s"])
     print(f"bound met: {payload['bound']['met']} (largest {peaks[-1]:.0f} MB, growth {growth:.1f} MB); "
