@@ -1,4 +1,4 @@
-"""``files``: your own labelled data, JSONL or CSV, from any fsspec URL.
+"""``files``: your own labelled data, JSONL, CSV or Parquet, from any fsspec URL.
 
 Each record has a ``text`` or an ``image`` column, a ``label`` column and an optional
 ``task`` column (names configurable); or, for text-to-text objectives (``causal-lm``,
@@ -8,6 +8,11 @@ without ``classes`` targets are free-form text). Images are nested lists of pixe
 [0, 1], or 0-255 when any value exceeds 1) or paths/URLs of image files (decoded with
 Pillow) relative to the data file. Without a ``test`` URL a stratified
 ``test_fraction`` of ``train`` is held out.
+
+Files are read whole, or with ``[data] stream = true`` the train file streams
+(:meth:`Files.stream`: a :class:`FileStream` of its raw records, each parsed only when
+the pipeline takes it; a ``test`` URL is then required). Parquet is read with pyarrow,
+one row group at a time.
 """
 
 from __future__ import annotations
@@ -193,7 +198,7 @@ class FileStream(RecordStream):
 
 
 class Files(Dataset):
-    """Labelled JSONL/CSV files from fsspec URLs (``memory://``, ``s3://``, paths, ...)."""
+    """Labelled JSONL/CSV/Parquet files from fsspec URLs (``memory://``, ``s3://``, paths, ...)."""
 
     @attrs.frozen
     class Config:
