@@ -210,7 +210,7 @@ def run_child(kind: str, file: str, test: str, args: argparse.Namespace, **extra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small files and few steps: checks the script runs")
+    parser.add_argument("--quick", action="store_true", help="1,000 and 4,000 lines, one step: checks the script runs")
     parser.add_argument("--lines", default=None, help="file sizes, comma-separated (default 100000,1000000)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 10)")
     parser.add_argument("--batches", type=int, default=None, help="pipeline batches timed (default 200)")
@@ -222,9 +222,9 @@ def main() -> None:
     parser.add_argument("--test", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick = args.quick
-    args.steps = args.steps or (2 if quick else 10)
-    args.batches = args.batches or (10 if quick else 200)
-    args.rounds = args.rounds or (2 if quick else 10)
+    args.steps = args.steps or (1 if quick else 10)
+    args.batches = args.batches or (4 if quick else 200)
+    args.rounds = args.rounds or (1 if quick else 10)
     if args.child:
         import torch
 
@@ -232,7 +232,7 @@ def main() -> None:
         out = child_memory(args) if args.child == "memory" else child_throughput(args)
         print(json.dumps(out))
         return
-    sizes = [int(n) for n in (args.lines or ("2000,20000" if quick else "100000,1000000")).split(",")]
+    sizes = [int(n) for n in (args.lines or ("1000,4000" if quick else "100000,1000000")).split(",")]
     out_dir = args.out or os.path.join(RESULTS_DIR, "quick" if quick else "")
     memory = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -103,15 +103,17 @@ class StepBatches(IterableDataset[tuple[int, Encoded]]):
         plan, step = self.plan, self.start
         epoch, position = divmod(step, plan.per_epoch)
         while step < plan.total:
-            order = shuffled(self.source.records(), self.shuffle, derive_seed(self.seed, "stream", epoch))
-            batches = _chunks(order, plan.batch)
-            # the consumed batches of this epoch: read, not parsed
+            records = self.source.records()
+            batches = _chunks(shuffled(records, self.shuffle, derive_seed(self.seed, "stream", epoch)), plan.batch)
             before = step
-            for group in itertools.islice(batches, position, plan.per_epoch):
-                if step >= plan.total or len(group) < plan.batch:
-                    break
-                yield step, group
-                step += 1
+            try:  # (the consumed batches of this epoch: read, not parsed)
+                for group in itertools.islice(batches, position, plan.per_epoch):
+                    if step >= plan.total or len(group) < plan.batch:
+                        break
+                    yield step, group
+                    step += 1
+            finally:
+                getattr(records, "close", lambda: None)()  # a generator over a file: closed now
             if step == before and step < plan.total:
                 raise StreamError(f"the training stream ended at step {step}: it holds fewer records than it did")
             epoch, position = epoch + 1, 0
