@@ -30,8 +30,9 @@ here, by job:
 - **PEFT formats** (``adapterkit_register_peft_formats``): :class:`PeftFormat` by
   ``peft_type``, :class:`PeftInteropError`, :func:`empty` (a PEFT "unused" value); the
   folder helpers :func:`read_peft`, :func:`from_peft`, :func:`load_converted`.
-- **Workflow extension points**: :class:`Backbone`, :class:`Dataset`, :class:`Example`,
-  :class:`Split`, :class:`WorkflowModel`; objectives :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
+- **Workflow extension points**: :class:`Backbone`, :class:`Dataset` (streamed:
+  :class:`RecordStream`), :class:`Example`, :class:`Split`, :class:`WorkflowModel`; objectives
+  :class:`Objective` (with :class:`Encoded`, :class:`Decoding`,
   :class:`Predictions`, the built-in :class:`Classification` and the helpers
   :func:`device_of`, :func:`routing`, :func:`task_indices`); storage helpers :func:`save_tensors`, :func:`load_tensors`,
   :func:`parse_options`.
@@ -88,7 +89,7 @@ from .validators import (
     probability,
 )
 from .wording import plural
-from .zoo import Backbone, Dataset, Example, Split, WorkflowModel
+from .zoo import Backbone, Dataset, Example, RecordStream, Split, WorkflowModel
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -115,6 +116,7 @@ __all__ = [
     "ProjectionSpec",
     "Recipe",
     "RecipeError",
+    "RecordStream",
     "Registry",
     "RoleSpec",
     "Router",

@@ -11,7 +11,7 @@ body's own modules (``query``, ``_blocks.*``). A :class:`Dataset` yields labelle
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -65,6 +65,29 @@ class Dataset(Configurable):
     def examples(self, split: Split) -> list[Example]:
         """The examples of ``split`` (``"train"`` or ``"test"``)."""
         raise NotImplementedError
+
+    # A dataset that can stream its training split (``[data] stream = true``) also defines
+    # ``stream(split) -> RecordStream``; after that call its ``classes``, ``tasks`` and
+    # test examples must come without reading the training split into memory.
+
+
+class RecordStream:
+    """A training split read lazily (``[data] stream = true``): the workflows' data
+    pipeline (:mod:`adapterkit.workflows.stream`) iterates :meth:`records` in every
+    DataLoader worker and rank, and parses only the records that worker takes with
+    :meth:`example`. So :meth:`records` must be cheap (no parsing: e.g. a file's raw
+    lines), deterministic (the same order every pass) and the object picklable."""
+
+    def records(self) -> Iterator[tuple[int, Any]]:
+        """``(number, raw record)`` in a fixed order; ``number`` names it in errors."""
+        raise NotImplementedError
+
+    def example(self, number: int, record: Any) -> Example:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """How many records (one pass unless the stream knows)."""
+        return sum(1 for _ in self.records())
 
 
 class Backbone(Configurable):

@@ -94,7 +94,8 @@ def adapt(
         router_lr = artifact.config.optim.router_lr or DEFAULT_ROUTER_LR
     # Reload the inventory's dataset with all its tasks: the new task is usually held out.
     args = {key: value for key, value in artifact.config.data.args.items() if key != "tasks"}
-    data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0)
+    # few-shot draws pick examples by class from the whole split: read into memory, not streamed
+    data_config = attrs.evolve(artifact.config.data, args=args, train_per_task=0, stream=False)
     objective = resolve_objective(artifact.config.model)
     corpus = Corpus.load(
         data_config, artifact.config.train.seed, storage_options=storage_options, needs_classes=objective.needs_classes

@@ -194,7 +194,7 @@ def load_artifact(
 
         probe = Corpus.load(
             config.data, config.train.seed, storage_options=storage_options, needs_classes=objective.needs_classes
-        ).train[0]
+        ).probe()
     classifier = build_model(objective, backbone, None, artifact.classes, seed=config.train.seed, probe=probe)
     load(url, classifier.body, storage_options=storage_options)
     head = load_tensors(url, [name for name in info.extra if name.startswith("head.")], storage_options=storage_options)

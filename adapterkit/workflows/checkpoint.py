@@ -6,13 +6,14 @@ param groups and scalar state, the scheduler state, the world size and the confi
 fingerprint. No pickle: a checkpoint loads with :func:`adapterkit.storage.load_tensors`
 like any adapter. No secrets: the fingerprint holds no storage options or credentials.
 The RNG needs no state: both streams are re-derived from ``(seed, step)`` at every
-step (see :mod:`adapterkit.workflows.distributed`).
+step (see :mod:`adapterkit.workflows.distributed`). A streamed run also records its
+stream position (epoch, examples consumed), which a resumed run checks against its step.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +37,8 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     config = without_secrets(config)
     train = {k: v for k, v in config.get("train", {}).items() if k not in ("device", "log_every", "threads")}
     keep = {k: config.get(k) for k in ("recipe", "model", "data", "optim")}
+    if isinstance(keep["data"], dict):  # how many processes read a stream does not change what they read
+        keep["data"] = {k: v for k, v in keep["data"].items() if k != "workers"}
     # in its JSON form, as the checkpoint stores it (tuples such as optim.no_decay read back as lists)
     return json.loads(json.dumps({**keep, "train": train}))  # type: ignore[no-any-return]
 
@@ -50,7 +53,9 @@ def save_checkpoint(
     world: int,
     config: dict[str, Any],
     storage_options: Mapping[str, Any] | None = None,
+    stream: Mapping[str, int] | None = None,
 ) -> None:
+    """``stream``: a streamed run's position after ``step`` (:func:`~.stream.position`)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainable_state(classifier).items()}
     state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -67,6 +72,7 @@ def save_checkpoint(
         "param_groups": state["param_groups"],
         "scalars": scalars,
         "scheduler": scheduler.state_dict(),
+        **({"stream": dict(stream)} if stream is not None else {}),
     }
     save_tensors(tensors, url, metadata={KEY: json.dumps(meta)}, storage_options=storage_options)
 
@@ -79,8 +85,12 @@ def load_checkpoint(
     *,
     config: dict[str, Any],
     storage_options: Mapping[str, Any] | None = None,
+    stream: Callable[[int], Mapping[str, int]] | None = None,
 ) -> int:
-    """Restore a checkpoint into a freshly built run; returns the step to continue from."""
+    """Restore a checkpoint into a freshly built run; returns the step to continue from.
+
+    ``stream``: a streamed run's position after a step; the recorded one must be it (the
+    stream then skips the records consumed before the step)."""
     info = inspect(url, storage_options=storage_options)
     if KEY not in info.metadata:
         raise AdapterkitError(f"{url!r} is not a training checkpoint")
@@ -92,6 +102,8 @@ def load_checkpoint(
                 f"checkpoint {url!r} was written by a run with a different [{section}] config; "
                 "resume with the same config"
             )
+    if stream is not None and meta.get("stream") != dict(stream(meta["step"])):
+        raise _malformed(url, f"stream position {meta.get('stream')} is not where step {meta['step']} stands")
     tensors = load_tensors(url, storage_options=storage_options)
     load_trainable_state(classifier, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Any]] = {}

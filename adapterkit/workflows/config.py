@@ -14,6 +14,10 @@
     train_per_task = 256         # subsample (balanced over classes), per task; 0 = all
     test_per_task = 200
 
+    stream = false               # true: read train lazily (files: JSONL/CSV/Parquet), not into memory
+    workers = 1                  # ...streamed: DataLoader worker processes (0: in-process)
+    shuffle_buffer = 10000       # ...streamed: records shuffled within (0: file order)
+
     [recipe]                     # the adapterkit recipe: seed, [recipe.adapter], [recipe.router] ...
     file = "recipe.toml"         # ...or a recipe file/URL
 
@@ -87,6 +91,9 @@ _optional_str = _as_config_key(optional(non_empty_str))
 
 
 DEFAULT_OBJECTIVE = "classification"
+DEFAULT_WORKERS = 1  # one process tokenizes ahead of the step: docs/benchmarks.md (streamed data)
+DEFAULT_SHUFFLE_BUFFER = 10_000
+STREAM_KEYS = ("stream", "workers", "shuffle_buffer")
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:
@@ -128,6 +135,26 @@ class DataConfig:
     train_per_task: int = attrs.field(default=0, validator=_non_negative_int)
     test_per_task: int = attrs.field(default=0, validator=_non_negative_int)
     balanced: bool = True
+    stream: bool = attrs.field(default=False)
+    """Read the train split lazily through a DataLoader pipeline (datasets with ``stream()``:
+    ``files``) instead of encoding it into memory; see :mod:`adapterkit.workflows.stream`."""
+    workers: int = attrs.field(default=DEFAULT_WORKERS, validator=_non_negative_int)
+    """DataLoader worker processes of a streamed split (0: in the training process)."""
+    shuffle_buffer: int = attrs.field(default=DEFAULT_SHUFFLE_BUFFER, validator=_non_negative_int)
+    """Records a streamed split is shuffled within (seeded per epoch; 0: file order)."""
+
+    @stream.validator
+    def _check_stream(self, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+        _check(isinstance(value, bool), f"config key 'data.stream' must be true or false, got {value!r}")
+        _check(
+            not value or self.train_per_task == 0,
+            "[data] stream = true reads every training record: drop data.train_per_task (it subsamples in memory)",
+        )
+
+    def streaming_keys(self) -> dict[str, Any]:
+        """The stream keys as a config file writes them: none unless ``stream`` is on (configs
+        and checkpoints of in-memory runs read as before)."""
+        return {"stream": True, "workers": self.workers, "shuffle_buffer": self.shuffle_buffer} if self.stream else {}
 
 
 @attrs.frozen
@@ -225,8 +252,8 @@ class WorkflowConfig:
         out["model"] = {"backbone": self.model.backbone, **self.model.args}
         if self.model.objective != DEFAULT_OBJECTIVE:  # (classification files read as before)
             out["model"]["objective"] = self.model.objective
-        data = attrs.asdict(self.data)
-        out["data"] = {**{k: v for k, v in data.items() if k != "args"}, **self.data.args}
+        data = {k: v for k, v in attrs.asdict(self.data).items() if k not in ("args", *STREAM_KEYS)}
+        out["data"] = {**data, **self.data.streaming_keys(), **self.data.args}
         for name in ("optim", "train", "eval", "checkpoint", "output"):
             table = attrs.asdict(getattr(self, name))
             out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in table.items() if v is not None}
@@ -413,7 +440,9 @@ def from_dict(
     if "backbone" not in model_own and "path" in model_args:
         model_own["backbone"] = "hf"  # a Hugging Face model folder: [model] path = "URL"
     data_table = _table(data, "data")
-    data_own, data_args = _split_args(data_table, ("dataset", "train_per_task", "test_per_task", "balanced"))
+    data_own, data_args = _split_args(
+        data_table, ("dataset", "train_per_task", "test_per_task", "balanced", *STREAM_KEYS)
+    )
     if "dataset" not in data_own and "train" in data_args:
         data_own["dataset"] = "files"  # your own data: [data] train = "URL"
     sections = {name: _build(cls, name, _table(data, name)) for name, cls in SECTIONS.items()}

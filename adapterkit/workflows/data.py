@@ -3,8 +3,9 @@
 Examples are encoded once by the objective (:meth:`adapterkit.objectives.Objective.encode`:
 the backbone's tokenised text or resized images, token labels for language models) into
 tensors batched on dim 0 (:class:`~adapterkit.objectives.Encoded`), so a training step
-only indexes them. (A streamed dataset would replace these in-memory tensors with batches
-drawn by the same ``(seed, epoch)`` order; the loop only calls ``len`` and ``take``.)
+only indexes them. With ``[data] stream = true`` the train split is instead a
+:class:`~adapterkit.zoo.RecordStream` that :mod:`.stream` reads and encodes batch by batch;
+the test split stays in memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..errors import AdapterkitError
 from ..objectives import Classification, Encoded
 from ..plugins import PluginHost, get_host
 from ..recipe import build_config
-from ..zoo import Backbone, Dataset, Example, Split
+from ..zoo import Backbone, Dataset, Example, RecordStream, Split
 from .config import DataConfig
 
 
@@ -137,8 +138,9 @@ class Corpus:
     dataset: Dataset
     classes: list[str]
     tasks: list[str]
-    train: list[Example]
+    train: list[Example]  # empty when streamed
     test: list[Example]
+    stream: RecordStream | None = None  # the train split, streamed (``[data] stream = true``)
 
     @classmethod
     def load(
@@ -148,18 +150,46 @@ class Corpus:
         """``needs_classes``: refuse data that declares none (classification; generative
         objectives also take free-form targets)."""
         dataset = resolve_dataset(config, host, storage_options)
+        stream = open_stream(dataset, config.dataset) if config.stream else None
         classes, tasks = dataset.classes(), dataset.tasks()
         if not classes and needs_classes:
             raise DataError(f"dataset {config.dataset!r} declares no classes")
-        splits: dict[str, list[Example]] = {}
+        splits: dict[str, list[Example]] = {"train": []}
         for split, per_task in (("train", config.train_per_task), ("test", config.test_per_task)):
+            if split == "train" and stream is not None:
+                continue  # the dataset checked every record when it opened the stream
             examples = dataset.examples(split)  # type: ignore[arg-type]
             check_examples(examples, classes, tasks, split)
             splits[split] = subsample(examples, per_task, balanced=config.balanced, seed=seed)
-        return cls(dataset, classes, tasks, splits["train"], splits["test"])
+        return cls(dataset, classes, tasks, splits["train"], splits["test"], stream)
 
     def split(self, name: Split) -> list[Example]:
+        if name == "train" and self.stream is not None:
+            raise DataError(
+                "the train split is streamed ([data] stream = true), not held in memory; use the test split"
+            )
         return self.train if name == "train" else self.test
+
+    def probe(self) -> Example:
+        """One training example (the first): what a model's feature size is measured on."""
+        if self.stream is None:
+            return self.train[0]
+        records = self.stream.records()
+        try:
+            return self.stream.example(*next(records))
+        finally:
+            getattr(records, "close", lambda: None)()  # a generator: close its file now
+
+
+def open_stream(dataset: Dataset, name: str) -> RecordStream:
+    """The dataset's train split as a :class:`~adapterkit.zoo.RecordStream`."""
+    stream = getattr(dataset, "stream", None)
+    if stream is None:
+        raise DataError(
+            f"dataset {name!r} cannot stream ([data] stream = true): stream your own files "
+            "([data] train = URL, test = URL) or drop data.stream"
+        )
+    return stream("train")  # type: ignore[no-any-return]
 
 
 def batch_plan(n: int, batch_size: int, world: int) -> tuple[int, int]:

@@ -16,8 +16,8 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, TypeAlias
 
 import attrs
 import torch
@@ -39,6 +39,9 @@ from .data import Encoded, batch_plan
 from .distributed import Dist, Streams, derive_seed
 from .evaluation import evaluate
 from .models import is_routed, shared_copy
+from .stream import Plan, TrainStream, position
+
+TrainData: TypeAlias = Encoded | TrainStream  # encoded in memory, or streamed
 
 Echo = Callable[[str], None]
 
@@ -118,8 +121,11 @@ class Trainer:
     per_epoch: int = attrs.field(init=False, default=0)
     routed: bool = attrs.field(init=False, default=False)
     loss_term: LossTerm | None = attrs.field(init=False, default=None)
+    streamed: bool = attrs.field(init=False, default=False)
 
-    def setup(self, n_train: int) -> tuple[int, int]:
+    def setup(self, n_train: int, *, streamed: bool = False) -> tuple[int, int]:
+        """``streamed``: the data is a :class:`~.stream.TrainStream` (checkpoints record its position)."""
+        self.streamed = streamed
         self.batch, self.per_epoch = batch_plan(n_train, self.train.batch_size, self.dist.world)
         self.total = self.train.steps or self.train.epochs * self.per_epoch
         self.optimizer = make_optimizer(self.classifier, self.optim)
@@ -132,8 +138,11 @@ class Trainer:
     def resume(self, url: str) -> int:
         return load_checkpoint(
             url, self.classifier, self.optimizer, self.scheduler, config=self.config_dict,
-            storage_options=self.storage_options,
+            storage_options=self.storage_options, stream=self._stream_position if self.streamed else None,
         )
+
+    def _stream_position(self, step: int) -> dict[str, int]:
+        return position(step, self.plan)
 
     def save(self, step: int) -> None:
         if self.checkpoint.url is None:
@@ -148,6 +157,7 @@ class Trainer:
                 world=self.dist.world,
                 config=self.config_dict,
                 storage_options=self.storage_options,
+                stream=self._stream_position(step) if self.streamed else None,
             )
         self.dist.barrier()
 
@@ -155,7 +165,22 @@ class Trainer:
         generator = torch.Generator().manual_seed(derive_seed(self.train.seed, "order", epoch))
         return torch.randperm(n, generator=generator)
 
-    def _wrapped(self, data: Encoded) -> nn.Module:
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.batch, self.per_epoch, self.total, self.dist.rank, self.dist.world)
+
+    def _parts(self, data: TrainData, start: int, end: int) -> Generator[tuple[int, Encoded], None, None]:
+        """``(step, this rank's part of the step's batch)`` for steps ``start .. end - 1``: indexed
+        from the encoded tensors in the epoch's ``(seed, epoch)`` order, or drawn from the stream."""
+        if isinstance(data, TrainStream):
+            yield from data.batches(attrs.evolve(self.plan, total=end), start)
+            return
+        for step in range(start, end):
+            epoch, position = divmod(step, self.per_epoch)
+            index = self._order(epoch, len(data))[position * self.batch : (position + 1) * self.batch]
+            yield step, data.take(index.view(self.dist.world, -1)[self.dist.rank])
+
+    def _wrapped(self, data: TrainData) -> nn.Module:
         if self.dist.world == 1:
             return self.classifier
         import torch.distributed as torch_dist
@@ -175,12 +200,15 @@ class Trainer:
             self.classifier, device_ids=device_ids, find_unused_parameters=bool(unreached.item())
         )
 
-    def _unreached(self, data: Encoded) -> list[str]:
+    def _unreached(self, data: TrainData) -> list[str]:
         """Trainable parameters a training forward on this rank's first batch leaves out
         of the autograd graph (walked from the output to its leaves; no backward). The
         RNG and the buffers (MoSA's touched cells) are restored: the run is unchanged."""
-        index = self._order(0, len(data))[: self.batch].view(self.dist.world, -1)[self.dist.rank]
-        part, device = data.take(index), self.dist.device
+        if isinstance(data, TrainStream):
+            part = data.first(self.plan)
+        else:
+            part = data.take(self._order(0, len(data))[: self.batch].view(self.dist.world, -1)[self.dist.rank])
+        device = self.dist.device
         saved = {name: b.clone() for name, b in self.classifier.named_buffers()}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.classifier.train()
@@ -218,18 +246,18 @@ class Trainer:
     def _set_progress(self, step: int) -> None:
         set_progress(self.classifier.body, step / max(1, self.total))
 
-    def fit(self, data: Encoded, *, start: int = 0, stop_at: int | None = None) -> int:
+    def fit(self, data: TrainData, *, start: int = 0, stop_at: int | None = None) -> int:
         """Train from step ``start`` to the end (or ``stop_at``); returns the last step."""
         device = self.dist.device
         model = self._wrapped(data)
         samplers = [s.sampler for s in sites(self.classifier.body).values()]
         bar = progress(self.total, initial=start, desc="train", unit="step", enabled=self.progress and self.dist.main)
         step = start
-        with Streams(samplers, self.train.seed, self.dist.rank, device) as streams:
-            while step < self.total and (stop_at is None or step < stop_at):
-                epoch, position = divmod(step, self.per_epoch)
-                index = self._order(epoch, len(data))[position * self.batch : (position + 1) * self.batch]
-                part = data.take(index.view(self.dist.world, -1)[self.dist.rank])
+        parts = self._parts(data, start, self.total if stop_at is None else min(self.total, stop_at))
+        with Streams(samplers, self.train.seed, self.dist.rank, device) as streams, contextlib.closing(parts):
+            for drawn, part in parts:
+                assert drawn == step, (drawn, step)  # the pipeline hands batches back in step order
+                epoch = step // self.per_epoch
                 inputs = {k: v.to(device) for k, v in part.inputs.items()}
                 labels = part.labels.to(device)
                 streams.begin_step(step)

@@ -19,9 +19,10 @@ from .config import WorkflowConfig
 from .data import Corpus
 from .distributed import Dist, check_device, setup, teardown
 from .evaluation import Row, evaluate
-from .loop import Echo, Trainer, epoch_evaluator, merge_changed, merged_copy
+from .loop import Echo, TrainData, Trainer, epoch_evaluator, merge_changed, merged_copy
 from .models import build_model, is_routed, recipe_for_tasks, resolve_backbone, resolve_objective
 from .outputs import check_writable
+from .stream import Encoder, TrainStream
 
 
 @attrs.frozen
@@ -53,7 +54,7 @@ def prepare(
             f"{config.data.dataset!r} holds {corpus.dataset.modality}"
         )
     classifier = build_model(
-        objective, backbone, recipe, corpus.classes, seed=config.train.seed, probe=corpus.train[0], host=host
+        objective, backbone, recipe, corpus.classes, seed=config.train.seed, probe=corpus.probe(), host=host
     )
     return config, corpus, classifier
 
@@ -119,7 +120,13 @@ def _train(
     classifier.to(dist.device)
     objective: Objective = resolve_objective(config.model, host)
     backbone = classifier.backbone
-    train_data = objective.encode(backbone, corpus.train, corpus.classes, corpus.tasks)
+    train_data: TrainData
+    if corpus.stream is not None:
+        encoder = Encoder(objective, backbone, corpus.classes, corpus.tasks)
+        data = config.data
+        train_data = TrainStream(corpus.stream, encoder, data.workers, data.shuffle_buffer, config.train.seed)
+    else:
+        train_data = objective.encode(backbone, corpus.train, corpus.classes, corpus.tasks)
     test_data = objective.encode(backbone, corpus.test, corpus.classes, corpus.tasks)
     decode = config.eval.decoding()
     history: list[dict[str, Any]] = []
@@ -129,7 +136,9 @@ def _train(
         f"{_model(config)} + {config.recipe.kind} ({_method(config)}): "
         f"{summary.trainable if summary else 0:,} adapter parameters"
         + (" + head" if any(True for _ in classifier.head.parameters()) else "")
-        + f"; data {config.data.dataset}: {len(train_data)} train / {len(test_data)} test, "
+        + f"; data {config.data.dataset}: {len(train_data)} train"
+        + (f" (streamed, {plural(config.data.workers, 'worker')})" if corpus.stream is not None else "")
+        + f" / {len(test_data)} test, "
         f"{plural(len(corpus.classes), 'class', 'classes') if corpus.classes else 'free-form targets'}"
         + (f", {plural(len(corpus.tasks), 'task')}" if corpus.tasks else "")
         + (f"; {dist.world} processes" if dist.world > 1 else "")
@@ -151,7 +160,7 @@ def _train(
         else None,
         objective=objective,
     )
-    trainer.setup(len(train_data))
+    trainer.setup(len(train_data), streamed=corpus.stream is not None)
     start = 0
     if resume:
         url = resume if isinstance(resume, str) else config.checkpoint.url
