@@ -31,6 +31,7 @@ from .site import AdapterSite
 from .stack import stack
 from .storage import AdapterInfo, StorageError, cp, inspect, load, load_tensors, ls, save, save_tensors
 from .task_ids import route
+from .training import set_progress
 
 __version__ = "0.1.0"
 
@@ -90,6 +91,7 @@ __all__ = [
     "save_tensors",
     "serve",
     "served",
+    "set_progress",
     "sites",
     "stack",
     "summary",

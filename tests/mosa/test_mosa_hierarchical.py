@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapterkit_mosa import HierarchicalSampler, set_progress
+from adapterkit_mosa import HierarchicalSampler
 from adapterkit_mosa.cells import coarse_ids
 from mosa_testlib import CHI2_999, chi2_uniform, split_modules, tiny_bert
 
 import adapterkit
+from adapterkit import set_progress
 from adapterkit.roles import Partition
 
 LEVELS = (2, 4, 8)
