@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,16 @@ def moto_endpoint() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def t5_base() -> Any:
+    """A small random T5 (``testlib.T5_VOCAB`` tokens), built once (Poly/MHR and PEFT tests)."""
+    import torch
+    from testlib import T5_VOCAB
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=T5_VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.0)
+    return T5Model(config).eval()

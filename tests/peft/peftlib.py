@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import testlib
 import torch
 from torch import nn
 
 import adapterkit
 
-T5_VOCAB = 100
 TOL = 1e-5
 # a PEFT SEQ_CLS LoRA (PEFT adds the head to modules_to_save) with per-module ranks and alphas
 SEQ_CLS: dict[str, Any] = {
@@ -19,33 +20,16 @@ SEQ_CLS: dict[str, Any] = {
 }
 
 
-def minilm_inputs(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 20000, (batch, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0  # some padding: the attention mask path is exercised too
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def t5_inputs(batch: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, T5_VOCAB, (batch, 7), generator=g),
-            "decoder_input_ids": torch.randint(0, T5_VOCAB, (batch, 4), generator=g)}
+# the shared helpers at this area's sizes: 4 examples, small random values
+minilm_inputs = functools.partial(testlib.minilm_inputs, batch=4)
+t5_inputs = functools.partial(testlib.t5_inputs, batch=4)
+randomize = functools.partial(testlib.randomize, std=0.1)
 
 
 @torch.no_grad()
 def output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-
-def randomize(model: nn.Module, markers: tuple[str, ...], seed: int, std: float = 0.1) -> None:
-    """Random non-zero values (N(0, std^2)) for every parameter whose name holds a marker."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(m in name for m in markers):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def randomize_trainable(model: nn.Module, seed: int, std: float = 0.1) -> None:

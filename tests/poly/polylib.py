@@ -7,25 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from testlib import T5_VOCAB, minilm_inputs, randomize, t5_inputs
 from torch import nn
 
 import adapterkit
 
-T5_VOCAB = 100
-
-
-def t5_inputs(batch: int = 5, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, T5_VOCAB, (batch, 7), generator=g),
-            "decoder_input_ids": torch.randint(0, T5_VOCAB, (batch, 4), generator=g)}
-
-
-def minilm_inputs(batch: int = 5, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 20000, (batch, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 6:] = 0  # some padding: the attention mask path is exercised too
-    return {"input_ids": ids, "attention_mask": mask}
+__all__ = ["T5_VOCAB", "minilm_inputs", "randomize", "t5_inputs"]  # (re-exported for the poly tests)
 
 
 MODELS: dict[str, tuple[str, Callable[..., dict[str, torch.Tensor]], list[str], int]] = {
@@ -48,15 +35,6 @@ def peft_poly(base: nn.Module, *, heads: int, targets: list[str], tasks: int = 3
                                                           target_modules=targets))
     randomize(model, ("poly_",), seed)
     return model
-
-
-def randomize(model: nn.Module, markers: tuple[str, ...], seed: int, std: float = 0.3) -> None:
-    """Random non-zero values (N(0, std^2)) for every parameter whose name holds a marker."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(m in name for m in markers):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def poly_recipe(targets: list[str], *, heads: int = 1, skills: int = 4, tasks: int = 3, r: int = 4,
