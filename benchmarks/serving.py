@@ -6,7 +6,7 @@ built from a config (:data:`LLAMA`; LoRA on q/k/v/o) for prefill (``--seq`` toke
 decode (one new token per example after a ``--seq``-token KV cache: prefill runs once
 outside the timer and every call gets a fresh deep copy of its cache, also outside the
 timer, since ``DynamicCache`` grows in place), and MiniLM-L6 (``BertModel``, LoRA on
-query/value, encoder forward only). Variants, on the same adapters and batch:
+query/value, encoder forward only, ``--minilm-seq`` tokens). Variants, on the same adapters and batch:
 
 - ``mixed``: ``adapterkit.serve`` + ``task_ids=adapterkit.adapter_ids(model, names)``;
 - ``peft``: PEFT ``adapter_names=`` on the same adapters (each exported with
@@ -16,20 +16,22 @@ query/value, encoder forward only). Variants, on the same adapters and batch:
 - ``sub-batches``: ``U`` sub-batches one after another, ``activate`` before each;
 - ``bare``: the model without adapters;
 - ``compiled``: ``torch.compile(fullgraph=True, dynamic=False)`` of ``mixed`` (slow to
-  compile on CPU, so only at ``U = --compile-u`` on the Llama; graph breaks counted with
-  ``torch._dynamo.explain`` for every cell).
+  compile on CPU, so only at ``U = --compile-u`` and ``r = --compile-r`` on the Llama; graph
+  breaks counted with ``torch._dynamo.explain`` for every cell).
 
 Every variant of a cell runs once per round, interleaved, in one process; medians over
 rounds. Throughput is tokens/s (prefill and MiniLM: ``batch * seq``; decode: ``batch``);
 ratios are throughput ratios (``mixed / peft`` = PEFT's time over ours).
 
-Usage: ``python benchmarks/serving.py [--rounds 7] [--threads 1] [--quick] [--no-compile] [--out DIR]``
+Usage: ``python benchmarks/serving.py [--rounds 5] [--threads 1] [--quick] [--no-compile] [--out DIR]``;
+``--markdown FILE`` prints a results file as the table of docs/serving.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -241,26 +243,51 @@ def cell(models: Models, task: Task, u: int, rounds: int, warmup: int, compile_i
     return row
 
 
+def markdown(payload: dict[str, Any]) -> str:
+    """The results as the Markdown table of docs/serving.md."""
+    lines = ["| model | phase | r | U | adapterkit mixed | PEFT | single adapter | sub-batches | bare | "
+             "mixed / PEFT | mixed / single | mixed / sub-batches | compiled mixed (/ PEFT, / single) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in payload["rows"]:
+        compiled = (f"{row['compiled_tok_s']:,.0f} ({row['compiled_vs_peft']:.2f}, {row['compiled_vs_single']:.2f})"
+                    if "compiled_tok_s" in row else "")
+        lines.append(
+            f"| {'Llama' if row['model'] == 'llama' else 'MiniLM'} | {row['phase']} | {row['r']} | {row['U']} | "
+            + " | ".join(f"{row[f'{v}_tok_s']:,.0f}" for v in ("mixed", "peft", "single", "sub-batches", "bare"))
+            + f" | {row['mixed_vs_peft']:.2f} | {row['mixed_vs_single']:.2f} | {row['mixed_vs_sub']:.2f} | {compiled} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=64, help="Llama prompt tokens")
+    parser.add_argument("--minilm-seq", type=int, default=32, help="MiniLM tokens per example (its forward is "
+                        "~6x the Llama's per token: 32 keeps the run under half an hour on one thread)")
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64], help="U values")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--models", nargs="+", default=["llama", "minilm"], choices=["llama", "minilm"])
     parser.add_argument("--compile-u", type=int, default=None, help="U of the compiled cells (default: the largest)")
+    parser.add_argument("--compile-r", type=int, default=None, help="rank of the compiled cells (default: the largest; "
+                        "compiling takes minutes per cell on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (graph breaks still counted)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on busy cores)")
     parser.add_argument("--quick", action="store_true", help="tiny Llama, small batch, U = 1 and 4, r = 8, no compile")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--markdown", metavar="FILE", default=None, help="print a results file as a Markdown table")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown(json.load(fh)))
+        return
     set_threads(args.threads)
     if args.quick:
         args.rounds, args.warmup, args.batch, args.seq, args.adapters, args.ranks = 2, 0, 8, 8, [1, 4], [8]
+        args.minilm_seq = 8
         args.no_compile = True
-    compile_u = args.compile_u or max(args.adapters)
+    compile_u, compile_r = args.compile_u or max(args.adapters), args.compile_r or max(args.ranks)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     load_before = os.getloadavg()
@@ -274,9 +301,9 @@ def main() -> None:
             for r in args.ranks:
                 models = Models(base, TARGETS[kind], r, max(args.adapters), os.path.join(folder, kind))
                 for phase in phases:
-                    task = Task(kind, phase, args.batch, args.seq, vocab)
+                    task = Task(kind, phase, args.batch, args.seq if kind == "llama" else args.minilm_seq, vocab)
                     for u in args.adapters:
-                        compile_it = not args.no_compile and kind == "llama" and u == compile_u
+                        compile_it = not args.no_compile and kind == "llama" and u == compile_u and r == compile_r
                         row = cell(models, task, u, args.rounds, args.warmup, compile_it)
                         row["r"] = r
                         rows.append(row)
@@ -285,7 +312,8 @@ def main() -> None:
                               + (f" compiled/peft {row['compiled_vs_peft']:.2f}" if compile_it else ""), flush=True)
     columns = ["model", "phase", "r", "U", "mixed_tok_s", "peft_tok_s", "single_tok_s", "mixed_vs_peft",
                "mixed_vs_single", "mixed_vs_sub", "compiled_vs_peft", "compiled_vs_single", "graph_breaks"]
-    print_table(f"Mixed-adapter batches, batch {args.batch}, {args.seq}-token prompts, {args.threads} thread(s), "
+    print_table(f"Mixed-adapter batches, batch {args.batch}, {args.seq}-token prompts (MiniLM {args.minilm_seq}), "
+                f"{args.threads} thread(s), "
                 f"{args.rounds} interleaved rounds (throughput ratios)", rows, columns)
     payload = {
         "args": vars(args), "llama_config": llama_config, "targets": TARGETS, "variants": VARIANTS,
