@@ -180,8 +180,8 @@ def cell(models: Models, task: Task, u: int, rounds: int, warmup: int, compile_i
         def fresh(name: str, source: str | None = None) -> Callable[[], None]:
             return lambda: live.__setitem__(name, copy.deepcopy(caches[source or name]))
 
-        ours = task.run(models.mixed, every, caches.get("mixed"), task_ids=ids)
-        theirs = task.run(models.peft, every, caches.get("peft"), adapter_names=choices)
+        ours = task.run(models.mixed, every, copy.deepcopy(caches.get("mixed")), task_ids=ids)
+        theirs = task.run(models.peft, every, copy.deepcopy(caches.get("peft")), adapter_names=choices)
         peft_diff = float((ours - theirs).abs().max())
         if peft_diff > PEFT_TOLERANCE:
             raise SystemExit(f"PEFT's outputs differ from adapterkit's by {peft_diff:.2e} (> {PEFT_TOLERANCE})")
@@ -254,7 +254,8 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append(
             f"| {'Llama' if row['model'] == 'llama' else 'MiniLM'} | {row['phase']} | {row['r']} | {row['U']} | "
             + " | ".join(f"{row[f'{v}_tok_s']:,.0f}" for v in ("mixed", "peft", "single", "sub-batches", "bare"))
-            + f" | {row['mixed_vs_peft']:.2f} | {row['mixed_vs_single']:.2f} | {row['mixed_vs_sub']:.2f} | {compiled} |")
+            + f" | {row['mixed_vs_peft']:.2f} | {row['mixed_vs_single']:.2f} | {row['mixed_vs_sub']:.2f}"
+            + f" | {compiled} |")
     return "\n".join(lines)
 
 
@@ -272,7 +273,8 @@ def main() -> None:
     parser.add_argument("--compile-u", type=int, default=None, help="U of the compiled cells (default: the largest)")
     parser.add_argument("--compile-r", type=int, default=None, help="rank of the compiled cells (default: the largest; "
                         "compiling takes minutes per cell on CPU)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (graph breaks still counted)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compiled variant (graph breaks are still counted)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on busy cores)")
     parser.add_argument("--quick", action="store_true", help="tiny Llama, small batch, U = 1 and 4, r = 8, no compile")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
