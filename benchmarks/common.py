@@ -15,16 +15,27 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], *, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], Any]],
+    *,
+    rounds: int,
+    warmup: int = 2,
+    prepare: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
     """Run each variant once per round, in rotating order, and return per-variant times (s).
 
     Interleaving spreads machine noise evenly across variants; compare medians.
+    ``prepare[name]`` (optional) runs before each call of ``name``, outside the timer
+    (e.g. a fresh copy of state the call mutates, such as a KV cache).
     """
+    prepare = prepare or {}
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            if name in prepare:
+                prepare[name]()
             start = time.perf_counter()
             variants[name]()
             elapsed = time.perf_counter() - start

@@ -39,6 +39,7 @@ NAV: list[tuple[str, str]] = [
     ("Workflows", "workflows.md"),
     ("Storage", "storage.md"),
     ("Expert libraries", "libraries.md"),
+    ("Serving many adapters", "serving.md"),
     ("Coming from PEFT", "coming-from-peft.md"),
     ("PEFT interop", "peft.md"),
     ("Hugging Face: Trainer, accelerate, generate", "huggingface.md"),
