@@ -6,28 +6,19 @@ matched ours and the served model traced without graph breaks."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+from benchlib import run_quick
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMED = {"mixed", "peft", "single", "sub-batches", "bare"}
 
 
 @pytest.mark.slow
 def test_serving_quick(tmp_path: Any) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serving.py"), "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    with open(os.path.join(tmp_path, "serving.json")) as f:
-        payload = json.load(f)
+    printed, payload = run_quick("serving", str(tmp_path))
     args = payload["args"]
     cells = {(row["model"], row["phase"], row["r"], row["U"]) for row in payload["rows"]}
     assert cells == {(m, p, r, u) for m, phases in (("llama", ("prefill", "decode")), ("minilm", ("prefill",)))
@@ -44,4 +35,4 @@ def test_serving_quick(tmp_path: Any) -> None:
         assert row["mixed_vs_sub"] == pytest.approx(row["mixed_tok_s"] / row["sub-batches_tok_s"])
         assert row["peft_max_abs_diff"] <= 1e-4
         assert row["graph_breaks"] == 0
-    assert len(payload["loadavg_before"]) == 3 and "wrote" in done.stdout
+    assert len(payload["loadavg_before"]) == 3 and "wrote" in printed
