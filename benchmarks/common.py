@@ -241,11 +241,14 @@ class Journal:
         self.path, self.key = path, key
         self.done: dict[tuple[Any, ...], dict[str, Any]] = {}
         if resume and os.path.exists(path):
-            recorded, runs, _ = read_journal(path)
+            recorded, runs, notes = read_journal(path)
             if recorded != header:
                 raise SystemExit(f"{path} was written with other settings ({recorded}); "
                                  "rerun with those or without --resume")
             self.done = {key(r): r for r in runs}
+            with open(path + ".tmp", "w") as fh:  # rewritten whole: a torn last line would swallow the next
+                fh.writelines(json.dumps(line) + "\n" for line in [{"header": header}, *({"note": n} for n in notes), *runs])
+            os.replace(path + ".tmp", path)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as fh:
