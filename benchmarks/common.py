@@ -247,7 +247,8 @@ class Journal:
                                  "rerun with those or without --resume")
             self.done = {key(r): r for r in runs}
             with open(path + ".tmp", "w") as fh:  # rewritten whole: a torn last line would swallow the next
-                fh.writelines(json.dumps(line) + "\n" for line in [{"header": header}, *({"note": n} for n in notes), *runs])
+                records = [{"header": header}, *({"note": n} for n in notes), *runs]
+                fh.writelines(json.dumps(record) + "\n" for record in records)
             os.replace(path + ".tmp", path)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

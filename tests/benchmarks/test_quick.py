@@ -229,10 +229,14 @@ def test_committed_results_are_full_runs_with_every_variant() -> None:
         assert payload["mode"] == "full" and payload["seeds"] == [0, 1, 2, 3, 4]
         check_comparisons(payload["comparisons"])
     check_metrics(transfer["results"])
-    # the digits and airline runs rebuilt from their run's log carry macro-F1 only (docs/benchmarks.md)
+    # the digits grid's validation runs, taken from an earlier run's log, carry macro-F1 only (docs/benchmarks.md)
     check_metrics(sparse["results"], ("macro_f1",))
     check_metrics([r for r in sparse["results"] if r.get("source") != "log"])
     final = [r for r in sparse["results"] if r["split"] == "test"]
+    assert all(r.get("source") != "log" for r in final)  # every reported run trained in full, accuracy and all
+    assert all(r["curve"] for r in final if not r["cell"].startswith("lowres"))  # with its learning curve
+    grids = {(r["cell"], r["variant"]) for r in sparse["results"] if r["split"] == "val"}
+    assert {(r["cell"], r["variant"]) for r in final} <= grids  # every rate chosen on validation data
     cells = {r["cell"] for r in final}
     assert {"digits", "airline", "multitask"} <= cells and {f"lowres-{k}" for k in (1, 2, 4, 8, 16)} <= cells
     for r in final:  # the official schedule: 100 epochs at batch 128 (or the whole set when smaller)
