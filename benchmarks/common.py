@@ -240,12 +240,14 @@ class Journal:
                  *, resume: bool) -> None:
         self.path, self.key = path, key
         self.done: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.notes: set[str] = set()  # a resumed study notes the same things again: kept once
         if resume and os.path.exists(path):
             recorded, runs, notes = read_journal(path)
             if recorded != header:
                 raise SystemExit(f"{path} was written with other settings ({recorded}); "
                                  "rerun with those or without --resume")
             self.done = {key(r): r for r in runs}
+            self.notes = {json.dumps({"note": n}) for n in notes}
             with open(path + ".tmp", "w") as fh:  # rewritten whole: a torn last line would swallow the next
                 records = [{"header": header}, *({"note": n} for n in notes), *runs]
                 fh.writelines(json.dumps(record) + "\n" for record in records)
@@ -266,8 +268,13 @@ class Journal:
 
     def note(self, record: dict[str, Any]) -> None:
         """Append ``record`` (a run, or ``{"note": ...}`` for anything else worth keeping)."""
+        line = json.dumps(record)
+        if "note" in record:
+            if line in self.notes:
+                return
+            self.notes.add(line)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

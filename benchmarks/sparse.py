@@ -324,7 +324,7 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [c for c in dict.fromkeys(r["cell"] for r in summary) if not c.startswith("lowres-")]
+    curves = [c for c in CELLS if any(r["cell"] == c for r in summary)]  # the study's order, however run
     lowres = sorted({int(r["cell"].split("-")[1]) for r in summary if r["cell"].startswith("lowres-")})
     panels = len(curves) + (1 if lowres else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
