@@ -341,7 +341,7 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
         note = "; curves: fewer seeds" if partial else ""
         ax.set_title(f"{cell}: merged test macro-F1{note}", fontsize=9)
         ax.set_xlabel("epoch (batch 128; 10 warm-up, cosine)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     if lowres:
         ax = axes[0][-1]
         for variant in CELL_VARIANTS["lowres"]:
