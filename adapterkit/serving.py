@@ -122,13 +122,14 @@ class Serving:
             if not isinstance(name, str):
                 raise RoutingError(f"adapter choices are names, None or '__base__', got {name!r}")
             if name not in self.names and name not in self.entries:
-                known = [n for n in self.names if n is not None] + sorted(self.entries)
+                known = list(dict.fromkeys([*(n for n in self.names if n is not None), *sorted(self.entries)]))
                 raise RoutingError(f"no adapter named {name!r} is served; served: {known[:8]}"
                                    + (f" ... ({len(known)} in all)" if len(known) > 8 else ""))
         missing = [n for n in wanted if n not in self.names]
         free = base - len(self.pinned)
-        if len({n for n in wanted if n not in self.pinned}) > free:
-            raise RoutingError(f"this batch names {len(wanted)} library adapters but {free} slots are free "
+        from_library = [n for n in wanted if n not in self.pinned]
+        if len(from_library) > free:
+            raise RoutingError(f"this batch names {len(from_library)} library adapters but {free} slots are free "
                                f"for them; serve with a larger resident= or split the batch")
         for name in missing:
             self._load(model, name, keep=set(wanted))

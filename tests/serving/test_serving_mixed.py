@@ -268,7 +268,7 @@ def test_a_library_as_the_store_loads_on_first_use_with_an_lru_bound() -> None:
     check_each_example(model, singles, ["lib0", "lib1", "pinned", "lib0"], ids)  # both evicted in turn
     assert adapterkit.served(model) == ["pinned", "lib0", "lib1"]
     with pytest.raises(RoutingError, match="this batch names 3 library adapters but 2 slots are free"):
-        logits(model, ids, adapter_names=["lib2", "lib3", "lib4", None])
+        logits(model, ids, adapter_names=["lib2", "lib3", "lib4", "pinned"])
     with pytest.raises(RoutingError, match="no adapter named 'lib9' is served"):
         logits(model, ids, adapter_names=["lib9", None, None, None])
     assert adapterkit.served(model) == ["pinned", "lib0", "lib1"]  # refused batches load nothing
