@@ -135,7 +135,7 @@ def park(model: nn.Module, named: Named) -> None:
     named.active = None
 
 
-def _unpark(model: nn.Module, named: Named, name: str) -> None:
+def unpark(model: nn.Module, named: Named, name: str) -> None:
     parked = named.parked[name]
     assert parked is not None
     for site_name, site in parked.sites.items():
@@ -158,7 +158,7 @@ def activate(model: nn.Module, name: str) -> nn.Module:
     if named.active == name and named.serving is None:
         return model
     park(model, named)
-    _unpark(model, named, name)
+    unpark(model, named, name)
     return model
 
 
@@ -191,7 +191,7 @@ def using(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
         elif before != name:
             park(model, named)
             if before is not None and before in named.parked:
-                _unpark(model, named, before)
+                unpark(model, named, before)
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
@@ -253,7 +253,7 @@ def add_named(model: nn.Module, name: str, make: Callable[[], object]) -> nn.Mod
         if hasattr(model, STATE_ATTR):
             remove_state(model)
         if before is not None:
-            _unpark(model, named, before)
+            unpark(model, named, before)
         if serving is not None:
             from .serving import resume_serving
 

@@ -39,7 +39,7 @@ from .attach import (
     unwrap,
 )
 from .errors import AdapterkitError, RoutingError
-from .named import BASE_NAMES, Named, _adopt, _forget_if_empty, park
+from .named import BASE_NAMES, DEFAULT_NAME, Named, _adopt, park, registry, unpark
 from .plugins import PluginHost, get_host
 from .recipe import Recipe
 from .roles import Router, Sampler, Splitter
@@ -177,11 +177,12 @@ def serve(
     """
     model = unwrap(model)
     host = host or get_host()
-    named = _adopt(model)
-    chosen = list(named.parked) if adapters is None else list(adapters)
-    unknown = [n for n in chosen if n not in named.parked]
+    existing = registry(model)
+    held = list(existing.parked) if existing is not None else [DEFAULT_NAME] if hasattr(model, STATE_ATTR) else []
+    chosen = held if adapters is None else list(adapters)
+    unknown = [n for n in chosen if n not in held]
     if unknown:
-        raise AdapterkitError(f"no named adapter {unknown[0]!r}; the model holds {list(named.parked)}")
+        raise AdapterkitError(f"no named adapter {unknown[0]!r}; the model holds {held}")
     if library is None and not chosen:
         raise AdapterkitError("nothing to serve: the model holds no named adapters and no library was given")
     if library is not None and resident < 1:
@@ -193,11 +194,18 @@ def serve(
     if clash:
         raise AdapterkitError(f"the library holds an adapter named {clash[0]!r}, as the model does; "
                               "rename one (a batch names each adapter once)")
+    named = _adopt(model)
+    before, serving_before = named.active, named.serving
     park(model, named)
     try:
         serving = _pack(model, named, chosen, library, selection or {}, resident if library is not None else 0, host)
-    except BaseException:
-        _forget_if_empty(model, named)
+    except BaseException:  # a refused serve leaves the model as it was
+        if before is not None:
+            unpark(model, named, before)
+        elif serving_before is not None:
+            resume_serving(model, serving_before)
+        if existing is None:
+            delattr(model, NAMED_ATTR)
         raise
     resume_serving(model, serving)
     serving.state.summary = summarize(model, serving.state.origin, serving.sites)  # nothing trains: 0 trainable

@@ -226,8 +226,16 @@ def test_routed_adapters_must_be_collapsed_first() -> None:
                               "router": {"name": "poly", "tasks": 2}}, name="poly")
     with pytest.raises(AdapterkitError, match="holds 2 routed skills; serve its tasks one by one"):
         adapterkit.serve(model)
-    assert adapterkit.active_adapter(model) is None  # parked, as every named adapter is by serve
-    adapterkit.activate(model, "poly")
+    assert adapterkit.active_adapter(model) == "poly"  # a refused serve leaves the model as it was
+    unnamed = adapterkit.attach(llama(), {"adapter": {"kind": "lora", "targets": ["q_proj"], "skills": 2},
+                                          "router": {"name": "poly", "tasks": 2}})
+    with pytest.raises(AdapterkitError, match="holds 2 routed skills"):
+        adapterkit.serve(unnamed)
+    assert adapterkit.adapters(unnamed) == [] and adapterkit.summary(unnamed).trainable > 0  # still unnamed
+    bare = llama()
+    with pytest.raises(AdapterkitError, match="nothing to serve"):
+        adapterkit.serve(bare)
+    assert not adapterkit.is_attached(bare)
 
 
 def test_a_served_model_moves_with_the_base() -> None:
