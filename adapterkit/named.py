@@ -37,7 +37,7 @@ from .attach import (
 from .errors import AdapterkitError, AttachError
 from .plugins import PluginHost
 from .recipe import Recipe
-from .site import AdapterSite, _device_of
+from .site import AdapterSite, module_device
 from .task_ids import install_keyword, remove_keyword
 
 DEFAULT_NAME = "default"  # what an unnamed adapter is called once a named one joins it
@@ -77,6 +77,13 @@ def _registry(model: nn.Module) -> Named:
     return named
 
 
+def _known(model: nn.Module, name: str) -> Named:
+    named = _registry(model)
+    if name not in named.parked:
+        raise AdapterkitError(f"no adapter named {name!r}; the model holds {list(named.parked)}")
+    return named
+
+
 def adapters(model: nn.Module) -> list[str]:
     """The names of the model's named adapters, in the order they were added."""
     named = registry(model)
@@ -97,7 +104,7 @@ def check_name(name: Any) -> str:
     return name
 
 
-def _adopt(model: nn.Module) -> Named:
+def adopt(model: nn.Module) -> Named:
     """The model's registry, made on first use; an unnamed adapter joins it as ``default``."""
     named = registry(model)
     if named is not None:
@@ -139,7 +146,7 @@ def unpark(model: nn.Module, named: Named, name: str) -> None:
     parked = named.parked[name]
     assert parked is not None
     for site_name, site in parked.sites.items():
-        site.to(device=_device_of(site.base))  # the model may have moved while this adapter was parked
+        site.to(device=module_device(site.base))  # the model may have moved while this adapter was parked
         model.set_submodule(site_name, site)
     put_saved(model, parked.saved)
     setattr(model, STATE_ATTR, parked.state)
@@ -152,9 +159,7 @@ def unpark(model: nn.Module, named: Named, name: str) -> None:
 def activate(model: nn.Module, name: str) -> nn.Module:
     """Make the named adapter ``name`` the active one (the one every call acts on); returns the model."""
     model = unwrap(model)
-    named = _registry(model)
-    if name not in named.parked:
-        raise AdapterkitError(f"no adapter named {name!r}; the model holds {list(named.parked)}")
+    named = _known(model, name)
     if named.active == name and named.serving is None:
         return model
     park(model, named)
@@ -198,9 +203,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove the named adapter ``name`` (its folded updates are subtracted from the base
     weights); with the last one gone the model is bare again, as after ``detach``."""
     model = unwrap(model)
-    named = _registry(model)
-    if name not in named.parked:
-        raise AdapterkitError(f"no adapter named {name!r}; the model holds {list(named.parked)}")
+    named = _known(model, name)
     park(model, named)
     parked = named.parked.pop(name)
     assert parked is not None
@@ -243,27 +246,36 @@ def add_named(model: nn.Module, name: str, make: Callable[[], object]) -> nn.Mod
     if name in taken:
         raise AttachError(None, f"the model already holds an adapter named {name!r}; "
                                 f"adapterkit.delete(model, {name!r}) first")
-    named = _adopt(model)
-    serving, before = named.serving, named.active
-    park(model, named)
-    try:
+    named = adopt(model)
+    with restored_on_error(model, named, fresh):
         make()
         _check_compatible(model, named, name)
+    named.parked[name] = None
+    named.active = name
+    return model
+
+
+@contextlib.contextmanager
+def restored_on_error(model: nn.Module, named: Named, fresh: bool) -> Iterator[None]:
+    """Park the active adapter (or leave serving) for the block; should it fail, remove what
+    it attached and put back what was active or served (``fresh``: a registry made for the
+    block goes too), so a refused call leaves the model as it was."""
+    before, serving = named.active, named.serving
+    park(model, named)
+    try:
+        yield
     except BaseException:
         if hasattr(model, STATE_ATTR):
             remove_state(model)
         if before is not None:
             unpark(model, named, before)
-        if serving is not None:
+        elif serving is not None:
             from .serving import resume_serving
 
             resume_serving(model, serving)
         if fresh:
             delattr(model, NAMED_ATTR)
         raise
-    named.parked[name] = None
-    named.active = name
-    return model
 
 
 def load_named(model: nn.Module, name: str, load: Callable[[], object]) -> nn.Module:

@@ -39,7 +39,7 @@ from .attach import (
     unwrap,
 )
 from .errors import AdapterkitError, RoutingError
-from .named import BASE_NAMES, DEFAULT_NAME, Named, _adopt, park, registry, unpark
+from .named import BASE_NAMES, DEFAULT_NAME, Named, adopt, registry, restored_on_error
 from .plugins import PluginHost, get_host
 from .recipe import Recipe
 from .roles import Router, Sampler, Splitter
@@ -194,19 +194,9 @@ def serve(
     if clash:
         raise AdapterkitError(f"the library holds an adapter named {clash[0]!r}, as the model does; "
                               "rename one (a batch names each adapter once)")
-    named = _adopt(model)
-    before, serving_before = named.active, named.serving
-    park(model, named)
-    try:
+    named = adopt(model)
+    with restored_on_error(model, named, fresh=existing is None):
         serving = _pack(model, named, chosen, library, selection or {}, resident if library is not None else 0, host)
-    except BaseException:  # a refused serve leaves the model as it was
-        if before is not None:
-            unpark(model, named, before)
-        elif serving_before is not None:
-            resume_serving(model, serving_before)
-        if existing is None:
-            delattr(model, NAMED_ATTR)
-        raise
     resume_serving(model, serving)
     serving.state.summary = summarize(model, serving.state.origin, serving.sites)  # nothing trains: 0 trainable
     return model

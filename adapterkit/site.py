@@ -272,7 +272,7 @@ class AdapterSite(Configurable, nn.Module):
             if weight is not None and weight in draws and cells == self.partition(weight).n_cells > 1:
                 draws[name] = draws[weight]
             else:
-                draws[name] = self.sampler.gates(self.partition(name), training, _device_of(module))
+                draws[name] = self.sampler.gates(self.partition(name), training, module_device(module))
         return draws
 
     @torch.no_grad()
@@ -346,7 +346,7 @@ class AdapterSite(Configurable, nn.Module):
         return f"site={self.site_name!r}, kind={self.kind!r}, skills={self.skills}"
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     for param in module.parameters():
         return param.device
     for buffer in module.buffers():
