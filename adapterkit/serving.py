@@ -44,7 +44,7 @@ from .plugins import PluginHost, get_host
 from .recipe import Recipe
 from .roles import Router, Sampler, Splitter
 from .site import AdapterSite, RoutingState
-from .task_ids import install_keyword, remove_keyword
+from .task_ids import checked_task_ids, install_keyword, remove_keyword
 
 if TYPE_CHECKING:
     from .library import Entry, Library
@@ -77,7 +77,6 @@ class Serving:
     library adapters take the free slots, least recently used out (``lru``)."""
 
     sites: dict[str, AdapterSite]
-    bases: dict[str, nn.Module]
     names: list[str | None]
     state: AttachState
     pinned: frozenset[str] = frozenset()
@@ -216,22 +215,23 @@ def _pack(
                                   f"adapterkit.activate(model, {name!r}); adapterkit.unmerge(model) first, "
                                   "or serve without it")
         live[name] = parked.sites
-    kind, names, configs, origin = _plan(model, live, entries, host)
-    if chosen:
-        first = named.parked[chosen[0]]
-        assert first is not None
+    kind, configs = _plan(live, entries, host)
+    first = named.parked[chosen[0]] if chosen else None
+    if first is not None:
         origin = first.state.origin
+    else:  # library adapters only: the first one's recipe (_plan refused entries without one)
+        recipe = next(iter(entries.values())).recipe
+        assert recipe is not None
+        origin = Recipe.from_dict(recipe)
+    bases = {site_name: model.get_submodule(site_name) for site_name in sorted(configs)}
     slots = len(chosen) + resident
     routing = RoutingState()
     packed = {}
-    for site_name in names:
-        base = model.get_submodule(site_name)
-        config = kind.serving_config(configs[site_name])
-        generator = torch.Generator()
+    for site_name, base in bases.items():
         try:
             packed[site_name] = kind(
-                base, config, name=site_name, skills=slots + 1, splitter=Splitter(), sampler=Sampler(),
-                make_router=lambda heads: Select(slots + 1), routing=routing, generator=generator,
+                base, configs[site_name], name=site_name, skills=slots + 1, splitter=Splitter(), sampler=Sampler(),
+                make_router=lambda heads: Select(slots + 1), routing=routing, generator=torch.Generator(),
             )
         except ValueError as exc:
             raise AdapterkitError(f"cannot serve site {site_name!r}: {exc}") from None
@@ -241,8 +241,8 @@ def _pack(
             site.eval()
             for param in site.projections.parameters():
                 param.zero_()  # every slot starts as "no adapter"
-    state = AttachState(None, origin, routing, {n: model.get_submodule(n) for n in names}, {}, n_tasks=slots + 1)
-    serving = Serving(packed, dict(state.originals), [None] * slots, state, frozenset(chosen), library, entries)
+    state = AttachState(None, origin, routing, bases, {}, n_tasks=slots + 1)
+    serving = Serving(packed, [None] * slots, state, frozenset(chosen), library, entries)
     state.serving = serving
     for slot, name in enumerate(chosen):
         try:
@@ -255,13 +255,12 @@ def _pack(
 
 
 def _plan(
-    model: nn.Module, live: Mapping[str, Mapping[str, AdapterSite]], entries: Mapping[str, Entry], host: PluginHost
-) -> tuple[type[AdapterSite], list[str], dict[str, list[Any]], Recipe]:
-    """The kind, the site names and every adapter's config per site, checked to agree."""
+    live: Mapping[str, Mapping[str, AdapterSite]], entries: Mapping[str, Entry], host: PluginHost
+) -> tuple[type[AdapterSite], dict[str, Any]]:
+    """The kind and, per site, the config serving every adapter's (checked to agree)."""
     kinds: dict[str, type[AdapterSite]] = {}
     site_sets: dict[str, set[str]] = {}
     configs: dict[str, list[Any]] = {}
-    origin: Recipe | None = None
     for name, found in live.items():
         kinds[name] = type(next(iter(found.values())))
         site_sets[name] = set(found)
@@ -271,7 +270,6 @@ def _plan(
         if entry.content != "adapter" or entry.recipe is None:
             raise AdapterkitError(f"library adapter {name!r} holds {entry.content} without a recipe; cannot serve it")
         recipe = Recipe.from_dict(entry.recipe)
-        origin = origin or recipe
         if recipe.kind not in host.kinds:
             raise AdapterkitError(f"library adapter {name!r} needs adapter kind {recipe.kind!r}, not installed")
         cls = host.kinds[recipe.kind]
@@ -290,14 +288,10 @@ def _plan(
             raise AdapterkitError(f"adapters {first!r} and {name!r} adapt different modules (e.g. {other!r}); "
                                   "one pack serves adapters on the same modules")
     kind = kinds[first]
-    if origin is None:
-        origin = Recipe.from_dict({"adapter": {"kind": kind.kind, "targets": sorted(site_sets[first])}})
     try:
-        for site_configs in configs.values():
-            kind.serving_config(site_configs)
+        return kind, {site_name: kind.serving_config(found) for site_name, found in configs.items()}
     except ValueError as exc:
         raise AdapterkitError(f"cannot serve these adapters together: {exc}") from None
-    return kind, sorted(site_sets[first]), configs, origin
 
 
 @torch.no_grad()
@@ -355,7 +349,7 @@ def stop_serving(model: nn.Module) -> None:
     named: Named | None = getattr(model, NAMED_ATTR, None)
     if named is None or named.serving is None:
         return
-    for site_name, base in named.serving.bases.items():
+    for site_name, base in named.serving.state.originals.items():
         model.set_submodule(site_name, base)
     remove_keyword(model)
     delattr(model, STATE_ATTR)
@@ -373,9 +367,8 @@ def adapter_ids(model: nn.Module, choices: Sequence[str | None]) -> Tensor:
     """Slot ids for adapter names (``None``/``"__base__"``: the base), loading library
     adapters that are not resident: what a compiled model takes as ``task_ids=``. Valid
     until a later call loads other library adapters into the slots."""
-    model = unwrap(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return serving_of(model).ids(model, list(choices), device)
+    serving_of(model)  # (the error when the model does not serve)
+    return checked_task_ids(model, list(choices))
 
 
 def served(model: nn.Module) -> list[str | None]:
