@@ -189,6 +189,8 @@ def serve(
     if entries is not None and library is None:
         raise AdapterkitError("entries= is a selection of a library: pass the library too")
     selection = None if library is None else {e.name: e for e in (library.entries() if entries is None else entries)}
+    if not chosen and not selection:
+        raise AdapterkitError("nothing to serve: the model holds no named adapters and the library selection is empty")
     clash = sorted(set(selection or ()) & set(chosen))
     if clash:
         raise AdapterkitError(f"the library holds an adapter named {clash[0]!r}, as the model does; "

@@ -235,6 +235,8 @@ def test_routed_adapters_must_be_collapsed_first() -> None:
     bare = llama()
     with pytest.raises(AdapterkitError, match="nothing to serve"):
         adapterkit.serve(bare)
+    with pytest.raises(AdapterkitError, match="nothing to serve: .* the library selection is empty"):
+        adapterkit.serve(bare, library=adapterkit.Library.init("memory://empty-serving-library"))
     assert not adapterkit.is_attached(bare)
 
 
